@@ -1,0 +1,370 @@
+"""`MultiTaskModule`: the manual optimisation loop every strategy plugs into."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_mtl._logging import add_tensorboard_layout
+from lightning_mtl.strategies.base import MTLStrategy, StepContext, check_single_strategy, reduce_mean
+from lightning_mtl.task import Task, build_tasks
+
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class MultiTaskModule(pl.LightningModule):
+    """A LightningModule for multi-task learning.
+
+    Subclass it, return one scalar loss per task from :meth:`task_losses`, and attach one strategy
+    callback (e.g. ``UncertaintyWeighting()``) to the Trainer; with none attached the losses are summed
+    (:class:`~lightning_mtl.strategies.EqualWeighting`, or the :attr:`Task.weight` values when some differ
+    from 1). The module runs the optimisation itself (manual optimisation): the strategy turns the losses
+    into gradients, then the module clips, steps the optimizer(s), zeroes the gradients and steps the LR
+    schedulers. Do not override ``training_step``.
+
+    Args:
+        tasks: task names or :class:`~lightning_mtl.Task` specs; their order is the order of every weight
+            vector and log.
+        accumulate_grad_batches: optimizer step every k batches (gradients averaged over the k batches).
+            Lightning rejects the Trainer flag in manual optimisation: set it here.
+        gradient_clip_val: clip gradients to this norm/value before each optimizer step (on unscaled
+            gradients under AMP). ``None`` disables clipping. Set it here, not on the Trainer.
+        gradient_clip_algorithm: ``"norm"`` (total 2-norm per optimizer) or ``"value"``.
+        nonfinite: what a NaN/inf task loss does: ``"raise"`` (default) stops with an error naming the task
+            and the value; ``"skip"`` warns, discards that accumulation window's gradients and skips its
+            optimizer step (all ranks agree, since the check runs on rank-averaged losses).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str | Task],
+        *,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.tasks: tuple[Task, ...] = build_tasks(tasks)
+        self.task_names: tuple[str, ...] = tuple(t.name for t in self.tasks)
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be an int >= 1, got {accumulate_grad_batches!r}.")
+        if gradient_clip_val is not None and not (math.isfinite(gradient_clip_val) and gradient_clip_val > 0):
+            raise ValueError(f"gradient_clip_val must be a number > 0 or None, got {gradient_clip_val!r}.")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}."
+            )
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.nonfinite = nonfinite
+        self._name_set = frozenset(self.task_names)
+        self._strategy: MTLStrategy | None = None
+        self._strategy_trainer: Any = None
+        self._window_discarded = False
+        self._skipped_windows = 0
+        self._eval_sums: Tensor | None = None
+        self._eval_count: Tensor | None = None
+
+    # ================================================================== user API
+    def task_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
+        """Return one scalar loss tensor per task, keyed by task name (called in train, val and test)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement task_losses(batch, batch_idx).")
+
+    def shared_parameters(self) -> Iterable[torch.nn.Parameter] | None:
+        """The parameters every task shares (the encoder). Gradient-based strategies need it; ``None`` means
+        not declared."""
+        return None
+
+    @property
+    def strategy(self) -> MTLStrategy:
+        """The strategy in use (the attached callback, or the default equal weighting)."""
+        return self._active_strategy()
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many accumulation windows were discarded for non-finite losses (``nonfinite="skip"``)."""
+        return self._skipped_windows
+
+    # ================================================================== strategy resolution
+    def _active_strategy(self) -> MTLStrategy:
+        trainer = self._trainer
+        if self._strategy is not None and self._strategy_trainer is trainer:
+            return self._strategy
+        strategy = check_single_strategy(trainer) if trainer is not None else None
+        if strategy is None:
+            from lightning_mtl.strategies.equal import EqualWeighting
+            from lightning_mtl.strategies.static import StaticWeighting
+
+            uniform = all(t.weight == 1.0 for t in self.tasks)
+            strategy = EqualWeighting() if uniform else StaticWeighting()
+            strategy.bind(self.tasks)
+        elif strategy._task_names != self.task_names:
+            strategy.bind(self.tasks)
+        self._strategy, self._strategy_trainer = strategy, trainer
+        if trainer is not None:
+            add_tensorboard_layout(trainer)
+        return strategy
+
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            check_single_strategy(self._trainer)
+
+    # ================================================================== validation of user output
+    def _stack_losses(self, losses: Any, stage: str, training: bool) -> Tensor:
+        """Check ``task_losses``' output and stack it in task order: ``[T]`` float32."""
+        if not isinstance(losses, Mapping):
+            raise TypeError(
+                f"task_losses must return a mapping task name -> scalar loss tensor, got {type(losses).__name__}. "
+                f"Return e.g. {{{', '.join(repr(n) + ': loss' for n in self.task_names)}}}."
+            )
+        if losses.keys() != self._name_set:
+            unknown = sorted(set(losses) - self._name_set, key=str)
+            missing = [n for n in self.task_names if n not in losses]
+            parts = []
+            if unknown:
+                parts.append(f"unknown task(s) {unknown}")
+            if missing:
+                parts.append(f"missing task(s) {missing}")
+            raise KeyError(
+                f"task_losses returned {' and '.join(parts)} during {stage}; the module's tasks are "
+                f"{list(self.task_names)}. Return exactly one loss per task (declare new tasks in tasks=[...])."
+            )
+        values = []
+        for name in self.task_names:
+            value = losses[name]
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"task {name!r}: loss must be a torch.Tensor, got {type(value).__name__} ({value!r}) during "
+                    f"{stage}. Return the loss tensor itself, not loss.item()."
+                )
+            if value.ndim != 0:
+                raise ValueError(
+                    f"task {name!r}: loss must be a scalar (0-dim) tensor, got shape {tuple(value.shape)} during "
+                    f"{stage}. Reduce it to one number, e.g. loss.mean()."
+                )
+            if not value.is_floating_point():
+                raise TypeError(
+                    f"task {name!r}: loss must be a floating-point tensor, got dtype {value.dtype}."
+                )
+            if training and not value.requires_grad:
+                raise ValueError(
+                    f"task {name!r}: the loss does not require grad (value {float(value):.6g}): it is detached from "
+                    "the model, so it cannot train it. Compute it from the model's outputs without .detach(), "
+                    "torch.no_grad() or .item()."
+                )
+            values.append(value if value.dtype == torch.float32 else value.float())
+        return torch.stack(values)
+
+    def _nonfinite_message(self, local: Tensor, global_: Tensor, stage: str, batch_idx: int) -> str:
+        local_values, global_values = local.tolist(), global_.tolist()
+        bad = []
+        for i, name in enumerate(self.task_names):
+            if not math.isfinite(global_values[i]) or not math.isfinite(local_values[i]):
+                where = f"{local_values[i]}" + (
+                    f" on this rank, {global_values[i]} averaged over ranks" if local is not global_ else ""
+                )
+                bad.append(f"task {name!r} loss is {where}")
+        return f"Non-finite loss at {stage} batch {batch_idx} (epoch {self.current_epoch}): " + "; ".join(bad)
+
+    # ================================================================== training
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        trainer = self.trainer
+        strategy = self._active_strategy()
+        k = self.accumulate_grad_batches
+        position = batch_idx % k
+        is_sync = position == k - 1 or bool(trainer.is_last_batch)
+        stacked = self._stack_losses(self.task_losses(batch, batch_idx), "training", training=True)
+        detached = stacked.detach()
+        global_losses = reduce_mean(trainer, detached)
+        if not bool(torch.isfinite(global_losses).all()):
+            message = self._nonfinite_message(detached, global_losses, "training", batch_idx)
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    message
+                    + ". Fix the loss (check inputs, learning rate, log of zero) or construct the module "
+                    "with nonfinite='skip' to skip such steps."
+                )
+            rank_zero_warn(message + "; skipping this optimizer step (nonfinite='skip').")
+            self._window_discarded = True
+
+        if not self._window_discarded:
+            ctx = StepContext(self, stacked, global_losses, k, is_sync, position == 0)
+            block = getattr(trainer.strategy, "block_backward_sync", None)
+            with nullcontext() if is_sync or block is None or trainer.world_size == 1 else block():
+                strategy.backward(dict(zip(self.task_names, stacked.unbind())), ctx)
+
+        if is_sync:
+            if self._window_discarded:
+                for opt in self._optimizer_list():
+                    opt.zero_grad(set_to_none=True)
+                strategy.on_accumulation_window_discarded(self)
+                self._skipped_windows += 1
+                self._window_discarded = False
+            else:
+                self._optimizer_step(strategy)
+        self._log_training(strategy, global_losses)
+
+    def _optimizer_list(self) -> list[Any]:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def _optimizer_step(self, strategy: MTLStrategy) -> None:
+        optimizers = self._optimizer_list()
+        scaler = self._grad_scaler()
+        if scaler is not None and len(optimizers) > 1:
+            raise RuntimeError(
+                f"precision='16-mixed' with {len(optimizers)} optimizers: Lightning's GradScaler would update its "
+                "scale after each optimizer and unscale the others wrongly. Use one optimizer with several "
+                "parameter groups, or bf16-mixed."
+            )
+        scale_before = scaler.get_scale() if scaler is not None else None
+        for opt in optimizers:
+            opt.step()
+        skipped = scaler is not None and scaler.get_scale() < scale_before
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        strategy.on_optimizer_step(self, skipped)
+        self._step_schedulers("step")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clips gradients (already unscaled under AMP). Call ``super()`` if you override it."""
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
+            )
+
+    def _step_schedulers(self, interval: str) -> None:
+        configs = self.trainer.lr_scheduler_configs
+        if not configs:
+            return
+        n_opt = max(1, len(self.trainer.optimizers))
+        counter = self.trainer.global_step // n_opt if interval == "step" else self.current_epoch + 1
+        for config in configs:
+            if config.interval != interval or counter % config.frequency != 0:
+                continue
+            metric = None
+            if config.reduce_on_plateau:
+                metric = self.trainer.callback_metrics.get(config.monitor)
+                if metric is None:
+                    if config.strict:
+                        available = sorted(self.trainer.callback_metrics)
+                        raise KeyError(
+                            f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged; available: "
+                            f"{available}. Set 'monitor' in configure_optimizers to one of them."
+                        )
+                    rank_zero_warn(
+                        f"ReduceLROnPlateau monitor {config.monitor!r} not logged yet; not stepping."
+                    )
+                    continue
+            self.lr_scheduler_step(config.scheduler, metric)
+
+    def on_train_epoch_end(self) -> None:
+        """Steps epoch-interval LR schedulers. Call ``super()`` if you override it."""
+        self._step_schedulers("epoch")
+
+    def _should_log(self) -> bool:
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def _log_training(self, strategy: MTLStrategy, global_losses: Tensor) -> None:
+        total = strategy.objective(global_losses)
+        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        if not self._should_log():
+            return
+        metrics = {f"train/loss/{n}": v for n, v in zip(self.task_names, global_losses.unbind())}
+        weights = strategy.weights_tensor()
+        if weights is not None:
+            metrics.update(
+                {f"train/weight/{n}": v for n, v in zip(self.task_names, weights.detach().unbind())}
+            )
+        metrics.update(strategy.extra_metrics())
+        if self._skipped_windows:
+            metrics["train/skipped_steps"] = torch.tensor(float(self._skipped_windows))
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    # ================================================================== validation / test
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Mapping[str, Tensor]:
+        """Accumulates per-task losses for ``val/loss/<task>``; returns the losses (call it via ``super()``)."""
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Mapping[str, Tensor]:
+        """Accumulates per-task losses for ``test/loss/<task>``; returns the losses."""
+        return self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> Mapping[str, Tensor]:
+        losses = self.task_losses(batch, batch_idx)
+        stacked = self._stack_losses(
+            losses, "validation" if stage == "val" else stage, training=False
+        ).detach()
+        if not bool(torch.isfinite(stacked).all()):
+            message = self._nonfinite_message(stacked, stacked, stage, batch_idx)
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    message + ". Fix the loss, or use nonfinite='skip' to leave such batches out."
+                )
+            rank_zero_warn(message + "; leaving this batch out of the epoch average (nonfinite='skip').")
+            return losses
+        size = float(_batch_size(batch))
+        if self._eval_sums is None or self._eval_sums.device != stacked.device:
+            self._eval_sums = torch.zeros_like(stacked, dtype=torch.float64)
+            self._eval_count = torch.zeros((), dtype=torch.float64, device=stacked.device)
+        self._eval_sums += stacked.double() * size
+        self._eval_count += size
+        return losses
+
+    def _reset_eval(self) -> None:
+        self._eval_sums, self._eval_count = None, None
+
+    def _log_eval(self, stage: str) -> None:
+        if self._eval_sums is None or self._eval_count is None:
+            return
+        packed = torch.cat([self._eval_sums, self._eval_count.reshape(1)])
+        if self.trainer.world_size > 1:
+            packed = self.trainer.strategy.reduce(packed.clone(), reduce_op="sum")
+        means = (packed[:-1] / packed[-1].clamp_min(1)).float()
+        metrics = {f"{stage}/loss/{n}": v for n, v in zip(self.task_names, means.unbind())}
+        metrics[f"{stage}/loss"] = means.sum()
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+        self._reset_eval()
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_eval()
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs ``val/loss/<task>`` and ``val/loss`` (the unweighted sum). Call ``super()`` if overridden."""
+        self._log_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_eval()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+
+def _batch_size(batch: Any) -> int:
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return int(extract_batch_size(batch))
+    except Exception:
+        return 1

@@ -1,0 +1,116 @@
+"""Learnable strategy parameters stepped by a private plain-torch optimizer.
+
+Strategies with learnable parameters (uncertainty weighting's log-variances, GradNorm's weights) keep them
+out of the user's model and optimizer: no second Lightning optimizer (which would double ``global_step``),
+no weight decay on them, no AMP loss scaling, no DDP hook. Their gradient is computed from rank-averaged
+quantities, so it is identical on every rank and the private optimizer keeps every rank in step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+OptimizerChoice = Literal["match", "adam", "sgd"]
+
+
+class LearnableParameters:
+    """A learnable tensor with its own optimizer and an accumulated gradient.
+
+    Args:
+        init: initial values.
+        optimizer: ``"match"`` builds the same optimizer class as the user's first optimizer with its
+            hyper-parameters (weight decay forced to 0); ``"adam"`` / ``"sgd"`` use plain Adam / SGD.
+        lr: fixed learning rate; ``None`` follows the current learning rate of the first parameter group of
+            the user's first optimizer at every step (so schedulers apply to it too).
+    """
+
+    def __init__(self, init: Tensor, optimizer: OptimizerChoice = "match", lr: float | None = None) -> None:
+        if optimizer not in ("match", "adam", "sgd"):
+            raise ValueError(f"optimizer must be 'match', 'adam' or 'sgd', got {optimizer!r}.")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be > 0 (or None to follow the model's optimizer), got {lr!r}.")
+        self.param = torch.nn.Parameter(init.detach().clone().float())
+        self.kind = optimizer
+        self.lr = lr
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_optimizer_state: dict[str, Any] | None = None
+
+    def prepare(self, trainer: pl.Trainer, device: torch.device) -> None:
+        """Move to ``device`` and build the optimizer on first use (after checkpoint restore)."""
+        if self.optimizer is not None and self.param.device == device:
+            return
+        if self.param.device != device:
+            self.param = torch.nn.Parameter(self.param.detach().to(device))
+        self.optimizer = self._build(trainer)
+        if self._pending_optimizer_state is not None:
+            self.optimizer.load_state_dict(self._pending_optimizer_state)
+            self._pending_optimizer_state = None
+
+    def _build(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
+        lr = self.lr if self.lr is not None else self._user_lr(trainer)
+        if self.kind == "match" and trainer.optimizers:
+            user = trainer.optimizers[0]
+            defaults = dict(user.defaults)
+            if "weight_decay" in defaults:
+                defaults["weight_decay"] = 0.0
+            defaults["lr"] = lr
+            try:
+                return type(user)([self.param], **defaults)
+            except Exception as err:  # an exotic optimizer that cannot be rebuilt from its defaults
+                warnings.warn(
+                    f"Could not build a private {type(user).__name__} for the strategy's parameters ({err}); "
+                    "using Adam instead. Pass optimizer='adam' or 'sgd' to choose explicitly.",
+                    stacklevel=2,
+                )
+        if self.kind == "sgd":
+            return torch.optim.SGD([self.param], lr=lr)
+        return torch.optim.Adam([self.param], lr=lr)
+
+    @staticmethod
+    def _user_lr(trainer: pl.Trainer) -> float:
+        if not trainer.optimizers:
+            return 1e-3
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def accumulate(self, grad: Tensor) -> None:
+        if self.param.grad is None:
+            self.param.grad = grad.detach().clone()
+        else:
+            self.param.grad.add_(grad.detach())
+
+    def step(self, trainer: pl.Trainer, skipped: bool = False) -> None:
+        """One optimizer step on the accumulated gradient (discarded when ``skipped``)."""
+        if self.optimizer is not None and not skipped and self.param.grad is not None:
+            if self.lr is None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._user_lr(trainer)
+            self.optimizer.step()
+        self.param.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"values": self.param.detach().cpu().clone()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        elif self._pending_optimizer_state is not None:
+            state["optimizer"] = self._pending_optimizer_state
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        values = state["values"]
+        if values.shape != self.param.shape:
+            raise ValueError(
+                f"Checkpointed strategy parameters have shape {tuple(values.shape)}, expected "
+                f"{tuple(self.param.shape)}: the checkpoint was written for a different set of tasks."
+            )
+        with torch.no_grad():
+            self.param.copy_(values.to(self.param.device))
+        if "optimizer" in state:
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                self._pending_optimizer_state = state["optimizer"]

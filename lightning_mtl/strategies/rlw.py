@@ -1,0 +1,75 @@
+"""Random loss weighting (Lin et al. 2022)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_mtl.functional.loss_weighting import RandomDistribution, random_weights
+from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.strategies.base import StepContext, global_seed
+
+
+class RLW(LossWeighting):
+    """Random Loss Weighting: Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random Weighting: A Litmus
+    Test for Multi-Task Learning", TMLR 2022 (https://arxiv.org/abs/2111.10603).
+
+    A fresh weight vector is drawn for every optimizer step (constant over an accumulation window):
+    ``w = softmax(z)``, ``z ~ N(0, I)`` by default. **The weights sum to 1** (equal weighting sums to ``T``):
+    at the same learning rate RLW's step is about ``T`` times smaller than :class:`EqualWeighting`'s.
+    Draws come from a CPU generator seeded with ``seed`` (default: Lightning's global seed from
+    ``seed_everything``, else 0), identical on every rank and independent of the world size; its state
+    is saved in checkpoints, so a resumed run draws the same weights.
+
+    Args:
+        distribution: ``"normal"`` (paper default), ``"uniform"`` (softmax of U(0, 1)) or ``"dirichlet"``.
+        concentration: Dirichlet concentration (only for ``"dirichlet"``; 1 is uniform on the simplex).
+        seed: generator seed; ``None`` uses the global seed.
+    """
+
+    def __init__(
+        self, distribution: RandomDistribution = "normal", concentration: float = 1.0, seed: int | None = None
+    ) -> None:
+        super().__init__()
+        if distribution not in ("normal", "uniform", "dirichlet"):
+            raise ValueError(
+                f"RLW distribution must be 'normal', 'uniform' or 'dirichlet', got {distribution!r}."
+            )
+        if not concentration > 0:
+            raise ValueError(f"RLW concentration must be > 0, got {concentration!r}.")
+        self.distribution = distribution
+        self.concentration = float(concentration)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(global_seed(self.seed))
+
+    def backward(self, losses, ctx: StepContext) -> None:  # noqa: ANN001
+        self._window_start = ctx.is_window_start
+        super().backward(losses, ctx)
+
+    def compute_weights(self, losses: Tensor) -> Tensor:
+        if self._weights is None or self._window_start:
+            assert self._generator is not None
+            self._weights = random_weights(
+                self.num_tasks, self._generator, self.distribution, self.concentration
+            )
+        return self._weights.to(losses.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"weights": None if self._weights is None else self._weights.cpu()}
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "generator" in state_dict:
+            self._generator = torch.Generator()
+            self._generator.set_state(state_dict["generator"])
+        self._weights = state_dict.get("weights")

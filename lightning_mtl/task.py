@@ -1,0 +1,70 @@
+"""Task specifications: the registry a :class:`~lightning_mtl.MultiTaskModule` is built from."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TaskKind = Literal["regression", "classification"]
+
+_VALID_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a multi-task model.
+
+    Args:
+        name: unique name; it appears in every log key (``train/loss/<name>``), so it may contain only
+            letters, digits, ``_``, ``-`` and ``.``.
+        weight: static weight of the task, used by :class:`~lightning_mtl.strategies.StaticWeighting` when
+            it is given no explicit weights, and by the default strategy when no strategy is attached.
+        kind: ``"regression"`` or ``"classification"``; methods whose rule depends on the likelihood (e.g.
+            :class:`~lightning_mtl.strategies.UncertaintyWeighting`) read it.
+        metrics: optional torchmetrics metric(s) for this task (see the README's metrics section).
+    """
+
+    name: str
+    weight: float = 1.0
+    kind: TaskKind = "regression"
+    metrics: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _VALID_NAME.match(self.name):
+            raise ValueError(
+                f"Task name {self.name!r} is invalid: use a non-empty string of letters, digits, '_', '-' "
+                "or '.' (it becomes part of log keys such as 'train/loss/<name>')."
+            )
+        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"Task {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}.")
+        if self.kind not in ("regression", "classification"):
+            raise ValueError(
+                f"Task {self.name!r}: kind must be 'regression' or 'classification', got {self.kind!r}."
+            )
+
+
+def build_tasks(tasks: Sequence[str | Task]) -> tuple[Task, ...]:
+    """Turn a sequence of names and/or :class:`Task` specs into a validated tuple of tasks."""
+    if isinstance(tasks, (str, Task)) or not isinstance(tasks, Sequence):
+        raise TypeError(
+            f"tasks must be a list of task names or Task objects, got {type(tasks).__name__}: {tasks!r}. "
+            "Example: tasks=['depth', 'segmentation']."
+        )
+    built = []
+    for t in tasks:
+        if isinstance(t, Task):
+            built.append(t)
+        elif isinstance(t, str):
+            built.append(Task(t))
+        else:
+            raise TypeError(f"Each task must be a name (str) or a Task, got {type(t).__name__}: {t!r}.")
+    if not built:
+        raise ValueError("tasks is empty: a MultiTaskModule needs at least one task.")
+    names = [t.name for t in built]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Task names must be unique; duplicated: {duplicates}.")
+    return tuple(built)

@@ -1,0 +1,94 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mtl import MultiTaskModule, Task
+
+
+def make_data(n: int = 64, in_dim: int = 6, num_tasks: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_dim, generator=g)
+    ys = [
+        (x @ torch.randn(in_dim, 1, generator=g)).squeeze(1) * (k + 1) + 0.1 * torch.randn(n, generator=g)
+        for k in range(num_tasks)
+    ]
+    return TensorDataset(x, torch.stack(ys, 1))
+
+
+class TinyNet(MultiTaskModule):
+    """Shared linear encoder + one linear head per task; MSE per task."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str | Task] = ("a", "b", "c"),
+        in_dim: int = 6,
+        hidden: int = 8,
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(tasks=tasks, **kwargs)
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(hidden, 1) for t in self.task_names})
+        self.lr = lr
+        self.optimizer_name = optimizer
+
+    def shared_parameters(self):
+        return self.encoder.parameters()
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        z = self.encoder(x)
+        return {
+            t: nn.functional.mse_loss(self.heads[t](z).squeeze(1), y[:, i])
+            for i, t in enumerate(self.task_names)
+        }
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def loader(ds: TensorDataset, batch_size: int = 16) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+@contextmanager
+def restore_environ():
+    """Restore os.environ after a (distributed) test: leaked MASTER_PORT etc. cause EADDRINUSE."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -92,3 +92,26 @@ def restore_environ():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+class RecordState(pl.Callback):
+    """Saves, per rank, the final parameters and strategy weights/state to ``<directory>/rank<k>.pt``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: MultiTaskModule) -> None:
+        strategy = pl_module.strategy
+        torch.save(
+            {
+                "params": flat_params(pl_module),
+                "weights": strategy.weights,
+                "state": strategy.state_dict(),
+                "global_step": trainer.global_step,
+            },
+            os.path.join(self.directory, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+def load_record(directory: str, rank: int = 0) -> dict[str, Any]:
+    return torch.load(os.path.join(directory, f"rank{rank}.pt"), weights_only=False)

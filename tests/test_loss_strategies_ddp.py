@@ -1,0 +1,59 @@
+"""Exactness under DDP: 2 ranks x batch B == 1 process x batch 2B, for every loss-weighting strategy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import RecordState, TinyNet, load_record, make_data, restore_environ, trainer
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_mtl.strategies import DWA, GLS, RLW, EqualWeighting, StaticWeighting, UncertaintyWeighting
+
+EPOCHS = 4  # DWA's weights differ from 1 from the third epoch on
+B = 8
+
+
+def _strategies():
+    return {
+        "equal": lambda: EqualWeighting(),
+        "static": lambda: StaticWeighting({"a": 0.5, "b": 2.0, "c": 1.0}),
+        "uncertainty": lambda: UncertaintyWeighting(lr=0.1),
+        "dwa": lambda: DWA(temperature=2.0),
+        "rlw": lambda: RLW(seed=3),
+        "gls": lambda: GLS(),
+    }
+
+
+def _fit(tmp_path, name: str, devices: int):
+    ds = make_data(n=64)
+    out = tmp_path / f"{name}-{devices}"
+    out.mkdir()
+    kwargs = dict(max_epochs=EPOCHS, callbacks=[_strategies()[name](), RecordState(str(out))])
+    if devices == 1:
+        # the same permutation Lightning's injected DistributedSampler gives the ranks (seed 0)
+        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+        dl = DataLoader(ds, batch_size=2 * B, sampler=sampler)
+        trainer(**kwargs).fit(TinyNet(), dl)
+        return [load_record(str(out))]
+    dl = DataLoader(ds, batch_size=B)
+    trainer(strategy="ddp_spawn", devices=2, **kwargs).fit(TinyNet(), dl)
+    return [load_record(str(out), 0), load_record(str(out), 1)]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", list(_strategies()))
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, monkeypatch, name):
+    with restore_environ():
+        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+        single = _fit(tmp_path, name, 1)[0]
+        rank0, rank1 = _fit(tmp_path, name, 2)
+    # identical parameters and strategy state on every rank
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["weights"] == rank1["weights"]
+    assert rank0["global_step"] == single["global_step"] == EPOCHS * 64 // (2 * B)
+    # the same update as one process on the union of the ranks' batches
+    torch.testing.assert_close(rank0["params"], single["params"], atol=1e-5, rtol=1e-5)
+    for task, w in single["weights"].items():
+        assert rank0["weights"][task] == pytest.approx(w, abs=1e-5), task
+    if name == "dwa":
+        assert any(abs(w - 1) > 1e-3 for w in single["weights"].values()), "DWA weights never left 1"

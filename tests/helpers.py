@@ -115,3 +115,28 @@ class RecordState(pl.Callback):
 
 def load_record(directory: str, rank: int = 0) -> dict[str, Any]:
     return torch.load(os.path.join(directory, f"rank{rank}.pt"), weights_only=False)
+
+
+class ScalarNet(MultiTaskModule):
+    """One shared scalar θ; task i has loss kᵢ(θ − tᵢ)², so ∇Lᵢ = 2kᵢ(θ − tᵢ): hand-computable updates."""
+
+    def __init__(self, k=(1.0, 2.0), targets=(0.0, 3.0), theta: float = 1.0, lr: float = 0.1, **kwargs: Any):
+        names = kwargs.pop("tasks", [f"t{i}" for i in range(len(k))])
+        super().__init__(tasks=names, **kwargs)
+        self.theta = nn.Parameter(torch.tensor(float(theta)))
+        self.k = torch.tensor(k)
+        self.targets = torch.tensor(targets)
+        self.lr = lr
+
+    def shared_parameters(self):
+        return [self.theta]
+
+    def task_losses(self, batch, batch_idx):
+        return {n: self.k[i] * (self.theta - self.targets[i]) ** 2 for i, n in enumerate(self.task_names)}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def dummy_loader(steps: int) -> DataLoader:
+    return DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1)

@@ -1,0 +1,158 @@
+"""Per-step overhead of ``MultiTaskModule`` over a plain ``LightningModule``, and of loss-based strategies.
+
+Same network (an MLP encoder + T linear heads, MSE per task), same data, same Trainer flags and the same
+logger (a ``CSVLogger`` in a temporary directory) for every configuration. The plain module returns the
+summed loss with automatic optimisation and logs it every step with ``self.log(..., prog_bar=True)``, as
+``MultiTaskModule`` logs ``train/loss``. A callback records ``perf_counter`` at ``on_train_batch_start`` and
+``on_train_batch_end``; each run's time per step is the median after a warm-up, and the reported time is the
+median over repeats (configurations are interleaved within a repeat so that machine drift affects all alike).
+
+Targets (DESIGN.md): ``MultiTaskModule`` + ``EqualWeighting`` ≤ 1.10× plain; loss-based strategies ≤ 1.05×
+equal weighting.
+
+    python benchmarks/bench_overhead.py                 # full run
+    python benchmarks/bench_overhead.py --quick         # smoke run
+    python benchmarks/bench_overhead.py --profile       # plus a cProfile of the MultiTaskModule step
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import BenchMTL, BenchPlain, StepTimer, make_loader, make_trainer, markdown_table  # noqa: E402
+
+from lightning_mtl import strategies as S  # noqa: E402
+
+
+def _loss_strategies() -> dict[str, Callable[[], Any]]:
+    return {
+        "EqualWeighting": S.EqualWeighting,
+        "StaticWeighting": S.StaticWeighting,
+        "UncertaintyWeighting": S.UncertaintyWeighting,
+        "DWA": S.DWA,
+        "RLW": S.RLW,
+        "GLS": S.GLS,
+    }
+
+
+def run_once(config: str, num_tasks: int, steps: int, warmup: int, batch_size: int, device: str) -> float:
+    timer = StepTimer()
+    callbacks: list[Any] = [timer]
+    if config == "plain":
+        model: Any = BenchPlain(num_tasks)
+    else:
+        model = BenchMTL(num_tasks)
+        callbacks.append(_loss_strategies()[config]())
+    loader = make_loader(num_tasks, n=batch_size * 64, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(tmp, steps, callbacks, device)
+        trainer.fit(model, loader)
+    return statistics.median(timer.times[warmup:])
+
+
+def profile_mtl(num_tasks: int, steps: int, batch_size: int, device: str, top: int = 25) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    model = BenchMTL(num_tasks)
+    loader = make_loader(num_tasks, n=batch_size * 64, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(tmp, steps, [S.EqualWeighting()], device)
+        prof = cProfile.Profile()
+        prof.enable()
+        trainer.fit(model, loader)
+        prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few steps and repeats (smoke run)")
+    parser.add_argument("--tasks", type=int, default=10, help="number of tasks T (default 10)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 400, quick 60)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats (default 5, quick 1)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--strategies",
+        default=None,
+        help="comma-separated loss-based strategies to compare with EqualWeighting (default: all)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: robust to a busy machine)"
+    )
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the MultiTaskModule run")
+    parser.add_argument("--output", default=None, help="also write the Markdown table to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (60 if args.quick else 400)
+    repeats = args.repeats or (1 if args.quick else 5)
+    warmup = min(20, steps // 4)
+    names = list(_loss_strategies())
+    if args.strategies:
+        wanted = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            parser.error(f"unknown strategies {unknown}; choose from {names}")
+        names = ["EqualWeighting"] + [s for s in wanted if s != "EqualWeighting"]
+    configs = ["plain"] + names
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        import logging
+
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    run_once("plain", args.tasks, min(steps, 40), 5, args.batch_size, args.device)  # process warm-up
+    for r in range(repeats):
+        order = configs if r % 2 == 0 else configs[::-1]
+        for config in order:
+            times[config].append(run_once(config, args.tasks, steps, warmup, args.batch_size, args.device))
+    med = {c: statistics.median(v) for c, v in times.items()}
+
+    print(
+        f"\nT = {args.tasks}, batch {args.batch_size}, {steps} steps x {repeats} repeats, device {args.device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    rows = [["plain LightningModule (sum)", f"{med['plain'] * 1e3:.3f}", "1.000", "—"]]
+    for c in names:
+        target = "≤ 1.10 vs plain" if c == "EqualWeighting" else "≤ 1.05 vs equal"
+        rows.append(
+            [
+                f"MultiTaskModule + {c}",
+                f"{med[c] * 1e3:.3f}",
+                f"{med[c] / med['plain']:.3f}",
+                f"{med[c] / med['EqualWeighting']:.3f} ({target})",
+            ]
+        )
+    table = markdown_table(["configuration", "ms/step (median)", "ratio vs plain", "ratio vs equal"], rows)
+    print(table)
+    ratio = med["EqualWeighting"] / med["plain"]
+    print(
+        f"\nMultiTaskModule + EqualWeighting / plain = {ratio:.3f} (target ≤ 1.10: {'met' if ratio <= 1.10 else 'MISSED'})"
+    )
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(table + "\n")
+    if args.profile:
+        print(profile_mtl(args.tasks, steps, args.batch_size, args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""GradNorm (Chen et al. 2018): learn task weights that balance the tasks' gradient norms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_mtl.functional.gradnorm import (
+    gradnorm_objective,
+    gradnorm_weight_grad,
+    inverse_training_rates,
+    renormalize_weights,
+)
+from lightning_mtl.gradients import JacobianEngine, grad_scale
+from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
+from lightning_mtl.strategies.base import MTLStrategy, StepContext
+
+#: how the last shared layer is named: a parameter name or module path of the LightningModule, or a
+#: callable ``module -> parameter(s)``; ``None`` picks a default (see :class:`GradNorm`).
+LayerSpec = str | Callable[[nn.Module], nn.Parameter | Iterable[nn.Parameter]] | None
+
+
+class GradNorm(MTLStrategy):
+    """GradNorm: Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks", ICML 2018 (https://arxiv.org/abs/1711.02257), Algorithm 1.
+
+    Learnable task weights ``wᵢ`` (init 1) scale the losses; the network steps on ``Σ wᵢLᵢ`` (one backward
+    pass). On the last shared layer ``W``, the weighted gradient norms ``Gᵢ = ‖∇_W wᵢLᵢ‖ = wᵢ‖∇_W Lᵢ‖`` are
+    pulled towards ``Ḡ·rᵢ^α``, where ``Ḡ`` is their mean and ``rᵢ = L̃ᵢ / mean L̃`` the relative inverse
+    training rate (``L̃ᵢ = Lᵢ(t)/Lᵢ(0)``): the weights alone step on ``L_grad = Σᵢ |Gᵢ − Ḡ·rᵢ^α|`` with the
+    target held constant, then are clamped positive and renormalised to ``Σwᵢ = T``. A task that trains
+    slower than the others (larger ``rᵢ``) gets a larger gradient; ``α = 0`` just equalises the norms.
+
+    Because ``Gᵢ = wᵢnᵢ`` with ``nᵢ = ‖∇_W Lᵢ‖``, the weights' gradient ``sign(Gᵢ − Ḡrᵢ^α)·nᵢ`` needs only the
+    norms, not a second-order graph: the per-task gradients of ``W`` come from ``torch.autograd.grad`` (no
+    DDP hook fires), are averaged over the micro-batches of an accumulation window and over ranks (one
+    reduction of a ``T × |W|`` matrix per optimizer step) and the losses are the rank-averaged ones. So
+    under DDP, R ranks with batch B give the same weights and parameters as one process with batch R·B.
+    ``L_grad`` never reaches the network, and ``w`` gets no gradient from ``Σ wᵢLᵢ``. Under 16-bit AMP the
+    per-task gradients are computed on the loss times the GradScaler's scale (then unscaled), and a step the
+    scaler skips does not update ``w``.
+
+    Args:
+        alpha: the asymmetry α ≥ 0 (paper: 1.5 on NYUv2, 0.12 on its synthetic toy; results insensitive in
+            (0, 3) per the paper). Default 1.5.
+        layer: the last shared layer ``W`` whose gradients are normalised. A parameter name of the module
+            (``"encoder.4.weight"``), a sub-module path (``"encoder.4"``: all its trainable parameters,
+            concatenated), or a callable ``module -> parameter | iterable of parameters``. Default ``None``:
+            the last trainable parameter with at least 2 dimensions among
+            :meth:`~lightning_mtl.MultiTaskModule.shared_parameters` (the weight matrix or kernel of the last
+            shared linear/conv layer, as in the paper), else the last trainable shared parameter.
+        lr: learning rate of the weights' private optimizer. The paper does not state one; ports use 1e-4
+            to 2.5e-2 with Adam. Default ``0.025`` (weights of order 1 adapt within ~100 steps); ``None``
+            follows the model's learning rate (as LibMTL, which puts ``w`` into the model's optimizer).
+        optimizer: ``"adam"`` (default; its step does not depend on the arbitrary scale of the gradient
+            norms), ``"sgd"`` or ``"match"`` (the model's optimizer class, weight decay 0).
+        initial_loss_steps: ``Lᵢ(0)`` is the mean of the rank-averaged losses of the first this many optimizer
+            steps (paper: 1, the first batch — fragile with noisy batches). Until then the running mean is used.
+        min_weight: weights are clamped to at least this before renormalising (keeps ``w > 0``).
+        jacobian: how the ``T`` per-task gradients of ``W`` are computed: ``"auto"`` (one batched backward,
+            falling back to a loop of ``T`` passes where ``vmap`` fails), ``"batched"`` or ``"loop"``.
+    """
+
+    needs_global_losses = True
+
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        layer: LayerSpec = None,
+        lr: float | None = 0.025,
+        optimizer: OptimizerChoice = "adam",
+        initial_loss_steps: int = 1,
+        min_weight: float = 1e-6,
+        jacobian: str = "auto",
+    ) -> None:
+        super().__init__()
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or alpha < 0
+        ):
+            raise ValueError(f"GradNorm alpha must be a finite number >= 0 (paper: 1.5), got {alpha!r}.")
+        if not (layer is None or isinstance(layer, str) or callable(layer)):
+            raise TypeError(
+                "GradNorm layer must be None, a parameter name / module path of the model (str) or a callable "
+                f"module -> parameter(s), got {type(layer).__name__} ({layer!r})."
+            )
+        if isinstance(layer, str) and not layer:
+            raise ValueError("GradNorm layer must not be an empty string; pass None for the default layer.")
+        if (
+            isinstance(initial_loss_steps, bool)
+            or not isinstance(initial_loss_steps, int)
+            or initial_loss_steps < 1
+        ):
+            raise ValueError(f"GradNorm initial_loss_steps must be an int >= 1, got {initial_loss_steps!r}.")
+        if not (isinstance(min_weight, (int, float)) and min_weight > 0):
+            raise ValueError(f"GradNorm min_weight must be > 0, got {min_weight!r}.")
+        LearnableParameters(torch.zeros(1), optimizer, lr)  # validates optimizer / lr now
+        self._engine = JacobianEngine(jacobian, owner="GradNorm")  # validates jacobian
+        self.alpha = float(alpha)
+        self.layer = layer
+        self.lr = lr
+        self.optimizer = optimizer
+        self.initial_loss_steps = initial_loss_steps
+        self.min_weight = float(min_weight)
+        self._learnable: LearnableParameters | None = None
+        self._layer_params: list[nn.Parameter] | None = None
+        # L(0): sum and count of the first windows' mean losses (identical on every rank)
+        self._initial_sum: Tensor | None = None
+        self._initial_count = 0
+        # the current accumulation window (transient)
+        self._grad_sum: Tensor | None = None
+        self._loss_sum: Tensor | None = None
+        self._window_count = 0
+        self._metrics: dict[str, Tensor] = {}
+        self._layer_checked = False  # the first window checks that every task reaches the layer
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, tasks) -> None:  # noqa: ANN001 - see MTLStrategy.bind
+        super().bind(tasks)
+        if self._learnable is None or self._learnable.param.numel() != len(self.task_names):
+            self._learnable = LearnableParameters(torch.ones(len(self.task_names)), self.optimizer, self.lr)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._layer_params = self.resolve_layer(pl_module)
+
+    def resolve_layer(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters of the last shared layer ``W`` for ``module`` (see ``layer``)."""
+        spec = self.layer
+        if spec is None:
+            shared_fn = getattr(module, "shared_parameters", None)
+            shared = shared_fn() if shared_fn is not None else None
+            if shared is None:
+                raise ValueError(
+                    f"GradNorm needs the last shared layer, but {type(module).__name__}.shared_parameters() "
+                    "returns None. Override shared_parameters() to return the encoder's parameters, or pass "
+                    "GradNorm(layer='encoder.<last layer>') naming the last shared layer."
+                )
+            trainable = [p for p in shared if p.requires_grad]
+            if not trainable:
+                raise ValueError(
+                    f"GradNorm: {type(module).__name__}.shared_parameters() has no trainable parameter. Return "
+                    "the encoder's parameters from it, or pass GradNorm(layer=...)."
+                )
+            matrices = [p for p in trainable if p.ndim >= 2]
+            return [(matrices or trainable)[-1]]
+        if isinstance(spec, str):
+            named = dict(module.named_parameters())
+            if spec in named:
+                params = [named[spec]]
+            else:
+                try:
+                    sub = module.get_submodule(spec)
+                except AttributeError:
+                    sample = ", ".join(list(named)[-6:])
+                    raise ValueError(
+                        f"GradNorm layer={spec!r} is neither a parameter name nor a sub-module of "
+                        f"{type(module).__name__}. Use a name from model.named_parameters() (e.g. {sample}) or "
+                        "a module path such as 'encoder.3'."
+                    ) from None
+                params = list(sub.parameters())
+        else:
+            found = spec(module)
+            params = [found] if isinstance(found, Tensor) else list(found)
+            if not all(isinstance(p, Tensor) for p in params):
+                raise TypeError(
+                    "GradNorm layer callable must return a parameter or an iterable of parameters, got "
+                    f"{[type(p).__name__ for p in params]}."
+                )
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"GradNorm layer={spec!r} has no trainable parameter (requires_grad=True) in "
+                f"{type(module).__name__}. Name the last shared layer's weight."
+            )
+        return params
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def params(self) -> Tensor:
+        """The learnable weights ``wᵢ`` in task order."""
+        assert self._learnable is not None, "GradNorm is not attached to a module yet"
+        return self._learnable.param
+
+    def _layer_gradients(self, ctx: StepContext) -> Tensor:
+        """``[T, |W|]`` per-task gradients of the (unweighted) losses on the last shared layer, unscaled."""
+        if self._layer_params is None:
+            self._layer_params = self.resolve_layer(ctx.module)
+        return self._engine(ctx.losses, self._layer_params, scale=grad_scale(ctx.trainer))
+
+    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
+        assert self._learnable is not None
+        learn = self._learnable
+        learn.prepare(ctx.trainer, ctx.losses.device)
+        if ctx.is_window_start:
+            self._grad_sum, self._loss_sum, self._window_count = None, None, 0
+        layer_grads = self._layer_gradients(ctx)
+        global_losses = ctx.global_losses.detach().float()
+        self._grad_sum = layer_grads if self._grad_sum is None else self._grad_sum + layer_grads
+        self._loss_sum = global_losses if self._loss_sum is None else self._loss_sum + global_losses
+        self._window_count += 1
+        weights = learn.param.detach().to(ctx.losses.dtype)
+        ctx.backward((weights * ctx.losses).sum())
+        if ctx.is_sync_step:
+            self._close_window(ctx)
+
+    def _close_window(self, ctx: StepContext) -> None:
+        assert self._learnable is not None and self._grad_sum is not None and self._loss_sum is not None
+        count = self._window_count
+        layer_grads = ctx.reduce_mean(self._grad_sum / count)  # the only cross-rank reduction
+        window_losses = self._loss_sum / count  # already rank-averaged
+        self._grad_sum, self._loss_sum, self._window_count = None, None, 0
+        if self._initial_count < self.initial_loss_steps:
+            if bool((window_losses <= 0).any()):
+                bad = {n: float(v) for n, v in zip(self.task_names, window_losses.tolist()) if v <= 0}
+                raise ValueError(
+                    f"GradNorm needs positive task losses for its loss ratios Lᵢ(t)/Lᵢ(0), got {bad} at the "
+                    "start of training. Shift or rescale those losses to be positive (e.g. add a constant), or "
+                    "use another strategy."
+                )
+            total = window_losses.double().cpu()
+            self._initial_sum = total if self._initial_sum is None else self._initial_sum + total
+            self._initial_count += 1
+        initial = (self._initial_sum / self._initial_count).to(window_losses)
+        norms = layer_grads.norm(dim=1)
+        if not self._layer_checked and bool((norms == 0).any()):
+            unreached = [t for t, n in zip(self.task_names, norms.tolist()) if n == 0]
+            raise RuntimeError(
+                f"GradNorm: the loss of task(s) {unreached} has an exactly zero gradient on the layer GradNorm "
+                f"normalises ({self.layer if self.layer is not None else 'the last shared weight'}): it does not "
+                "go through it. Pass GradNorm(layer=...) naming the last layer that every task shares."
+            )
+        self._layer_checked = True
+        w = self._learnable.param.detach()
+        rates = inverse_training_rates(window_losses, initial)
+        if bool(torch.isfinite(norms).all()):
+            self._learnable.accumulate(gradnorm_weight_grad(w, norms, rates, self.alpha))
+        else:  # overflow of the scaled fp16 gradients: the scaler skips this step too
+            self._learnable.param.grad = None
+        self._metrics = {
+            "train/gradnorm/loss_grad": gradnorm_objective(w, norms, rates, self.alpha).detach(),
+            **{
+                f"train/gradnorm/grad_norm/{t}": (w[i] * norms[i]).detach()
+                for i, t in enumerate(self.task_names)
+            },
+            **{f"train/gradnorm/inverse_rate/{t}": rates[i].detach() for i, t in enumerate(self.task_names)},
+        }
+
+    def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
+        assert self._learnable is not None
+        stepped = self._learnable.param.grad is not None and not skipped
+        self._learnable.step(module.trainer, skipped)
+        if stepped:
+            with torch.no_grad():
+                param = self._learnable.param
+                param.copy_(renormalize_weights(param, float(param.numel()), self.min_weight))
+
+    def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
+        self._grad_sum, self._loss_sum, self._window_count = None, None, 0
+        if self._learnable is not None:
+            self._learnable.param.grad = None
+
+    # ------------------------------------------------------------------ reporting and state
+    @property
+    def initial_losses(self) -> Tensor | None:
+        """``Lᵢ(0)`` as used now (the mean over the first ``initial_loss_steps`` steps), or ``None``."""
+        if self._initial_sum is None:
+            return None
+        return (self._initial_sum / self._initial_count).float()
+
+    def weights_tensor(self) -> Tensor | None:
+        return None if self._learnable is None else self._learnable.param.detach()
+
+    def extra_metrics(self) -> dict[str, Tensor]:
+        return dict(self._metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._learnable is None:
+            return {}
+        return {
+            "learnable": self._learnable.state_dict(),
+            "initial_sum": None if self._initial_sum is None else self._initial_sum.clone(),
+            "initial_count": self._initial_count,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "learnable" not in state_dict:
+            return
+        if self._learnable is None:
+            raise RuntimeError("GradNorm state can only be loaded after it is attached (setup).")
+        self._learnable.load_state_dict(state_dict["learnable"])
+        initial = state_dict["initial_sum"]
+        self._initial_sum = None if initial is None else initial.double().cpu()
+        self._initial_count = int(state_dict["initial_count"])

@@ -1,0 +1,58 @@
+"""PCGrad: projecting conflicting gradients (Yu et al. 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._gramian import as_output, check_generator, check_jacobian, prepare_gramian, randperms
+
+_METHOD = "PCGrad"
+
+
+def pcgrad_weights(G: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """Weights ``w`` of PCGrad, so that the update is ``Jᵀw``, computed on the Gramian ``G = J Jᵀ``.
+
+    Yu, Kumar, Gupta, Levine, Hausman, Finn (2020), *Gradient Surgery for Multi-Task Learning*, NeurIPS,
+    https://arxiv.org/abs/2001.06782, Algorithm 1: for each task ``i``, ``gᵢᴾᶜ = gᵢ``; for each other task
+    ``j`` in a random order, if ``gᵢᴾᶜ·gⱼ < 0`` then ``gᵢᴾᶜ −= (gᵢᴾᶜ·gⱼ / ‖gⱼ‖²) gⱼ`` (projection on the
+    normal plane of the *original* ``gⱼ``). The update is the **sum** ``Σᵢ gᵢᴾᶜ`` (the paper; one port offers
+    the mean, i.e. these weights divided by ``T``). No hyper-parameters.
+
+    ``gᵢᴾᶜ = Σₖ cᵢₖ gₖ`` is tracked through its coefficients, so only ``G`` is needed; all tasks ``i`` are
+    processed at once. For each task ``i`` in turn, one permutation of ``range(T)`` is drawn from
+    ``generator`` (``i`` itself is skipped), on the CPU: a generator in the same state gives the same
+    weights on every process. TorchJD's ``PCGradWeighting`` draws the same way from the global generator.
+
+    Args:
+        G: ``[T, T]`` Gramian.
+        generator: CPU generator for the task orders (``None``: torch's global generator).
+
+    Returns:
+        ``[T]`` weights, same dtype and device as ``G``.
+    """
+    check_generator(generator, _METHOD)
+    G64 = prepare_gramian(G, _METHOD)
+    T = G64.shape[0]
+    orders = randperms(T, T, generator)
+    tasks = torch.arange(T)
+    coefficients = torch.eye(T, dtype=G64.dtype)  # row i: coefficients of g_i^PC on the original g_k
+    dots = G64.clone()  # dots[i, j] = g_i^PC · g_j
+    sq_norms = G64.diagonal()
+    for step in range(T):
+        others = orders[:, step]
+        dot = dots[tasks, others]
+        project = (others != tasks) & (dot < 0) & (sq_norms[others] > 0)
+        coef = torch.where(project, dot / torch.where(project, sq_norms[others], 1.0), 0.0)
+        coefficients[tasks, others] -= coef
+        dots -= coef[:, None] * G64[others]
+    return as_output(coefficients.sum(dim=0), G)
+
+
+def pcgrad(J: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """PCGrad update ``Σᵢ gᵢᴾᶜ`` (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`pcgrad_weights`.
+
+    Equal to ``J.T @ pcgrad_weights(J @ J.T, generator=generator)``.
+    """
+    check_jacobian(J, _METHOD)
+    return J.T @ pcgrad_weights(J @ J.T, generator=generator)

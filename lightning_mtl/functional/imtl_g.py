@@ -1,0 +1,49 @@
+"""IMTL-G: impartial gradient balancing (Liu et al. 2021)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._gramian import as_output, check_jacobian, input_eps, normalize_by_trace, prepare_gramian
+
+_METHOD = "IMTL-G"
+
+
+def imtl_g_weights(G: Tensor) -> Tensor:
+    """Weights ``α`` (summing to 1) of the IMTL-G update ``Jᵀα``, computed on the Gramian ``G = J Jᵀ``.
+
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang (2021), *Towards Impartial Multi-task Learning*, ICLR,
+    https://openreview.net/forum?id=IMPnRXEWpvr. The update ``d = Jᵀα`` has equal projections on every unit
+    gradient ``uᵢ = gᵢ/‖gᵢ‖`` and ``Σαᵢ = 1``; the paper's closed form ``α₂:T = g₁Uᵀ(DUᵀ)⁻¹`` is equivalent
+    to ``α ∝ G⁻¹ diag(G)^½`` normalised to sum 1. No hyper-parameters. ``α`` can be negative.
+
+    Collinear or zero gradients make ``G`` singular: the pseudo-inverse is used (relative cut-off
+    ``T·eps`` of the input dtype), the generalisation of TorchJD's ``IMTLGWeighting``. When the
+    unnormalised weights sum to (nearly) zero, e.g. all gradients zero, the weights are zero.
+    The paper applies IMTL-G to gradients with respect to the shared representation.
+
+    Args:
+        G: ``[T, T]`` Gramian.
+
+    Returns:
+        ``[T]`` weights, same dtype and device as ``G``.
+    """
+    G64 = prepare_gramian(G, _METHOD)
+    T = G64.shape[0]
+    G_hat, _ = normalize_by_trace(G64)
+    norms = G_hat.diagonal().clamp_min(0).sqrt()
+    v = torch.linalg.pinv(G_hat, rtol=T * input_eps(G), hermitian=True) @ norms
+    total = float(v.sum())
+    if abs(total) < 1e-12:
+        return as_output(torch.zeros(T, dtype=G64.dtype), G)
+    return as_output(v / total, G)
+
+
+def imtl_g(J: Tensor) -> Tensor:
+    """IMTL-G update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`imtl_g_weights`.
+
+    Equal to ``J.T @ imtl_g_weights(J @ J.T)``.
+    """
+    check_jacobian(J, _METHOD)
+    return J.T @ imtl_g_weights(J @ J.T)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_mtl._logging import add_tensorboard_layout
+from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.strategies.base import MTLStrategy, StepContext, check_single_strategy, reduce_mean
 from lightning_mtl.task import Task, build_tasks
 
@@ -77,10 +78,20 @@ class MultiTaskModule(pl.LightningModule):
         self._skipped_windows = 0
         self._eval_sums: Tensor | None = None
         self._eval_count: Tensor | None = None
+        # --- per-task metrics (lightning_mtl.metrics): None when no task declares metrics ---
+        self.task_metrics: TaskMetrics | None = (
+            TaskMetrics(self.tasks) if any(t.metrics is not None for t in self.tasks) else None
+        )
 
     # ================================================================== user API
-    def task_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor]:
-        """Return one scalar loss tensor per task, keyed by task name (called in train, val and test)."""
+    def task_losses(self, batch: Any, batch_idx: int) -> Any:
+        """Return one scalar loss tensor per task, keyed by task name (called in train, val and test).
+
+        Tasks with ``metrics`` need their predictions too (no second forward pass): return the pair
+        ``(losses, outputs)`` with ``outputs = {task: (preds, target)}`` for those tasks; the module updates
+        the stage's metrics with ``metric.update(preds.detach(), target)`` and logs ``<stage>/<task>/<metric>``
+        once per epoch.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement task_losses(batch, batch_idx).")
 
     def shared_parameters(self) -> Iterable[torch.nn.Parameter] | None:
@@ -186,7 +197,8 @@ class MultiTaskModule(pl.LightningModule):
         k = self.accumulate_grad_batches
         position = batch_idx % k
         is_sync = position == k - 1 or bool(trainer.is_last_batch)
-        stacked = self._stack_losses(self.task_losses(batch, batch_idx), "training", training=True)
+        losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
+        stacked = self._stack_losses(losses, "training", training=True)
         detached = stacked.detach()
         global_losses = reduce_mean(trainer, detached)
         if not bool(torch.isfinite(global_losses).all()):
@@ -202,9 +214,16 @@ class MultiTaskModule(pl.LightningModule):
 
         if not self._window_discarded:
             ctx = StepContext(self, stacked, global_losses, k, is_sync, position == 0)
+            # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
+            if self.task_metrics is not None:
+                self.task_metrics.update("train", outputs)
+            loss_dict = dict(zip(self.task_names, stacked.unbind()))
+            for cb in _callbacks_with(trainer, "on_task_losses"):
+                cb.on_task_losses(trainer, self, loss_dict, batch, batch_idx, ctx)
+            # --- end hooks ---
             block = getattr(trainer.strategy, "block_backward_sync", None)
             with nullcontext() if is_sync or block is None or trainer.world_size == 1 else block():
-                strategy.backward(dict(zip(self.task_names, stacked.unbind())), ctx)
+                strategy.backward(loss_dict, ctx)
 
         if is_sync:
             if self._window_discarded:
@@ -277,7 +296,8 @@ class MultiTaskModule(pl.LightningModule):
             self.lr_scheduler_step(config.scheduler, metric)
 
     def on_train_epoch_end(self) -> None:
-        """Steps epoch-interval LR schedulers. Call ``super()`` if you override it."""
+        """Logs ``train/<task>/<metric>``, steps epoch-interval LR schedulers. Call ``super()`` if overridden."""
+        self._log_task_metrics("train", {})  # --- per-task metrics (lightning_mtl.metrics) ---
         self._step_schedulers("epoch")
 
     def _should_log(self) -> bool:
@@ -310,7 +330,7 @@ class MultiTaskModule(pl.LightningModule):
         return self._eval_step(batch, batch_idx, "test")
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> Mapping[str, Tensor]:
-        losses = self.task_losses(batch, batch_idx)
+        losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
         stacked = self._stack_losses(
             losses, "validation" if stage == "val" else stage, training=False
         ).detach()
@@ -328,6 +348,8 @@ class MultiTaskModule(pl.LightningModule):
             self._eval_count = torch.zeros((), dtype=torch.float64, device=stacked.device)
         self._eval_sums += stacked.double() * size
         self._eval_count += size
+        if self.task_metrics is not None:  # --- per-task metrics (lightning_mtl.metrics) ---
+            self.task_metrics.update(stage, outputs)
         return losses
 
     def _reset_eval(self) -> None:
@@ -344,6 +366,23 @@ class MultiTaskModule(pl.LightningModule):
         metrics[f"{stage}/loss"] = means.sum()
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
         self._reset_eval()
+        self._log_task_metrics(stage, {f"{n}/loss": v for n, v in zip(self.task_names, means.unbind())})
+
+    # --- per-task metrics (lightning_mtl.metrics) ---------------------------------------------------------
+    def _log_task_metrics(self, stage: str, losses: dict[str, Tensor]) -> None:
+        """Compute (synchronised by torchmetrics), log ``<stage>/<task>/<metric>``, reset, and hand the values
+        (plus the epoch's ``<task>/loss``) to callbacks defining ``on_task_metrics`` (e.g. ``DeltaM``)."""
+        values = self.task_metrics.compute(stage) if self.task_metrics is not None else {}
+        if values:
+            self.log_dict(
+                {f"{stage}/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True, batch_size=1
+            )
+        values.update(losses)
+        if values:
+            for cb in _callbacks_with(self.trainer, "on_task_metrics"):
+                cb.on_task_metrics(self.trainer, self, stage, values)
+
+    # --- end per-task metrics -----------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
         self._reset_eval()
@@ -357,6 +396,11 @@ class MultiTaskModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+
+def _callbacks_with(trainer: Any, hook: str) -> list[Any]:
+    """The trainer's callbacks that define ``hook`` (the module's hooks for metrics and diagnostics callbacks)."""
+    return [cb for cb in trainer.callbacks if hasattr(cb, hook)]
 
 
 def _batch_size(batch: Any) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,13 +24,20 @@ class Task:
             it is given no explicit weights, and by the default strategy when no strategy is attached.
         kind: ``"regression"`` or ``"classification"``; methods whose rule depends on the likelihood (e.g.
             :class:`~lightning_mtl.strategies.UncertaintyWeighting`) read it.
-        metrics: optional torchmetrics metric(s) for this task (see the README's metrics section).
+        metrics: optional torchmetrics metric(s) for this task: a ``Metric``, a ``MetricCollection``, a dict
+            name -> ``Metric`` or a list of ``Metric``s. The module keeps one clone per stage and logs
+            ``train/<name>/<metric>``, ``val/<name>/<metric>``, ``test/<name>/<metric>`` once per epoch from the
+            ``(preds, target)`` pairs that ``task_losses`` returns next to the losses (see
+            :meth:`~lightning_mtl.MultiTaskModule.task_losses`).
+        higher_is_better: per-metric override of the metric's own ``higher_is_better`` attribute, e.g.
+            ``{"mae": False}``; required for a metric that does not declare it (Δm% needs every direction).
     """
 
     name: str
     weight: float = 1.0
     kind: TaskKind = "regression"
     metrics: Any = field(default=None, compare=False)
+    higher_is_better: Mapping[str, bool] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _VALID_NAME.match(self.name):
@@ -44,6 +51,16 @@ class Task:
             raise ValueError(
                 f"Task {self.name!r}: kind must be 'regression' or 'classification', got {self.kind!r}."
             )
+        # --- metrics validation (lightning_mtl.metrics) ---
+        if self.higher_is_better is not None and self.metrics is None:
+            raise ValueError(
+                f"Task {self.name!r}: higher_is_better={dict(self.higher_is_better)!r} given without metrics; pass "
+                "metrics=... too, or drop higher_is_better."
+            )
+        if self.metrics is not None:
+            from lightning_mtl.metrics import normalize_task_metrics
+
+            normalize_task_metrics(self.name, self.metrics, self.higher_is_better)
 
 
 def build_tasks(tasks: Sequence[str | Task]) -> tuple[Task, ...]:

@@ -1,0 +1,118 @@
+"""Shared plumbing of the diagnostics callbacks: logging scalars off the Trainer's schedule, heat maps, tables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+
+def check_every_n_steps(owner: str, every_n_steps: int) -> int:
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"{owner}: every_n_steps must be an int >= 1, got {every_n_steps!r}.")
+    return every_n_steps
+
+
+def is_measured_step(trainer: pl.Trainer, ctx: Any, every_n_steps: int) -> bool:
+    """True on the first micro-batch of every ``every_n_steps``-th optimizer step (same answer on every rank)."""
+    return bool(ctx.is_window_start) and trainer.global_step % every_n_steps == 0
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """Write scalars to every logger at the current step, whatever ``log_every_n_steps`` says (rank 0 writes).
+
+    Diagnostics run on their own schedule (every n steps): going through ``self.log`` would drop the values
+    whenever that schedule misses the Trainer's logging steps.
+    """
+    if trainer.global_rank != 0 or not metrics:
+        return
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def log_heatmap(
+    trainer: pl.Trainer, tag: str, matrix: Tensor, labels: Sequence[str], title: str, vmin: float, vmax: float
+) -> None:
+    """Add a heat map of ``matrix`` to every TensorBoard logger (a labelled matplotlib figure when matplotlib
+    is installed, else a plain colour image with rows and columns in task order)."""
+    if trainer.global_rank != 0:
+        return
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    if not loggers:
+        return
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    figure = heatmap_figure(matrix, labels, title, vmin, vmax)
+    for logger in loggers:
+        if figure is not None:
+            logger.experiment.add_figure(tag, figure, global_step=step, close=False)
+        else:
+            logger.experiment.add_image(tag, heatmap_image(matrix, vmin, vmax), global_step=step)
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def heatmap_figure(matrix: Tensor, labels: Sequence[str], title: str, vmin: float, vmax: float) -> Any:
+    """A matplotlib figure of ``matrix`` with task labels and the values written in the cells (None without
+    matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    m = matrix.detach().cpu().double().numpy()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
+    im = ax.imshow(m, cmap="RdBu", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_image(matrix: Tensor, vmin: float, vmax: float, cell: int = 24) -> Tensor:
+    """``[3, H, W]`` image in [0, 1]: blue for ``vmax``, white for the middle, red for ``vmin``."""
+    m = matrix.detach().cpu().float()
+    mid = (vmin + vmax) / 2
+    half = max((vmax - vmin) / 2, 1e-12)
+    t = ((m - mid) / half).clamp(-1, 1)
+    pos, neg = t.clamp_min(0), (-t).clamp_min(0)
+    r = 1 - pos
+    g = 1 - pos.maximum(neg)
+    b = 1 - neg
+    img = torch.stack([r, g, b])
+    return img.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
+
+
+def matrix_table(matrix: Tensor, labels: Sequence[str], title: str, corner: str) -> Any:
+    """A ``rich`` table of a ``T×T`` matrix (rows and columns labelled by task)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(corner)
+    for name in labels:
+        table.add_column(name, justify="right")
+    m = matrix.detach().cpu().tolist()
+    for name, row in zip(labels, m):
+        table.add_row(name, *(f"{v:+.3f}" for v in row))
+    return table
+
+
+def print_rich(renderable: Any) -> None:
+    from rich.console import Console
+
+    Console().print(renderable)

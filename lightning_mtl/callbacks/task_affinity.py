@@ -1,0 +1,233 @@
+"""Lookahead inter-task affinity (Fifty et al. 2021): how a step on task i changes the loss of task j."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_mtl.callbacks._report import (
+    check_every_n_steps,
+    is_measured_step,
+    log_heatmap,
+    log_scalars,
+    matrix_table,
+    print_rich,
+)
+
+
+def lookahead_affinity(base_losses: Tensor, lookahead_losses: Tensor) -> Tensor:
+    """``Z[i, j] = 1 − Lⱼ(θ after a step on task i) / Lⱼ(θ)`` from ``base_losses [T]`` and
+    ``lookahead_losses [T, T]`` (row i: every task's loss after the step on task i).
+
+    Positive: the step on task i lowered task j's loss (i helps j); negative: it raised it.
+    """
+    return 1.0 - lookahead_losses / base_losses[None, :]
+
+
+class TaskAffinity(Callback):
+    """Lookahead inter-task affinity: Fifty, Amid, Zhao, Yu, Anil & Finn, "Efficiently Identifying Task
+    Groupings for Multi-Task Learning", NeurIPS 2021 (https://arxiv.org/abs/2109.04617), eq. 3.
+
+    Every ``every_n_steps`` optimizer steps, on the step's batch and before the strategy's backward: compute
+    each task's gradient ``gᵢ`` on the shared parameters (one batched ``autograd.grad`` on the step's graph,
+    averaged over ranks), take an SGD step on task i alone, ``θ'ᵢ = θ − lr·gᵢ`` (shared parameters only; the
+    task heads stay), and measure every task's loss there::
+
+        Z[i → j] = 1 − Lⱼ(θ'ᵢ) / Lⱼ(θ)
+
+    ``Z[i → j] > 0``: a step on task i helps task j. The matrix is averaged over the measurements of the whole
+    fit (:attr:`affinity`, in the checkpoint) — the paper's quantity for grouping tasks, and a guide for
+    choosing auxiliary tasks (keep the auxiliaries with high ``Z[aux → main]``).
+
+    The lookahead losses need ``T + 1`` extra forward passes (no backward) on measured steps; other steps
+    cost one integer test. The real optimizer and its state are untouched; parameters are restored bit for
+    bit, buffers (e.g. BatchNorm statistics) are restored, and the RNG state is forked so that dropout draws
+    the same masks in the ``T + 1`` forwards and training draws the same numbers as without the callback.
+    Under DDP every rank uses the rank-averaged gradients and the losses are averaged over ranks before the
+    ratio (``Lⱼ`` on the global batch).
+
+    Logged: ``affinity/<task_i>/<task_j>`` (this measurement's ``Z[i → j]``, including ``i = j``) every measured
+    step, and the running mean as a heat map (``affinity/heatmap``) at each training epoch end.
+
+    Args:
+        every_n_steps: measure on every n-th optimizer step (default 10).
+        lr: lookahead learning rate; ``None`` (default) uses the first optimizer's current learning rate
+            (first parameter group).
+        log_heatmap: add the mean affinity matrix to TensorBoard as an image each epoch (default ``True``).
+        print_table: print the mean affinity matrix as a table at the end of fit (rank 0; default ``False``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        lr: float | None = None,
+        log_heatmap: bool = True,
+        print_table: bool = False,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = check_every_n_steps("TaskAffinity", every_n_steps)
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"TaskAffinity: lr must be a number > 0 or None (optimizer's lr), got {lr!r}.")
+        self.lr = None if lr is None else float(lr)
+        self.log_heatmap = bool(log_heatmap)
+        self.print_table = bool(print_table)
+        self.task_names: tuple[str, ...] = ()
+        self._sum: Tensor | None = None
+        self._count = 0
+        #: the last measurement ``Z`` ``[T, T]``
+        self.last: Tensor | None = None
+        self._params: list[torch.nn.Parameter] | None = None
+        self._engine: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, lr=self.lr)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_mtl.gradients import JacobianEngine, shared_parameters_of
+
+        if not hasattr(pl_module, "task_names"):
+            raise TypeError(
+                f"TaskAffinity needs a lightning_mtl.MultiTaskModule, got {type(pl_module).__name__}."
+            )
+        self.task_names = tuple(pl_module.task_names)
+        self._params = shared_parameters_of(pl_module, "TaskAffinity")
+        self._engine = JacobianEngine("auto", owner="TaskAffinity")
+
+    @property
+    def affinity(self) -> Tensor | None:
+        """Mean ``Z[i → j]`` ``[T, T]`` over every measurement so far (``None`` before the first)."""
+        return None if self._sum is None else self._sum / self._count
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """The mean affinity as ``{source task i: {target task j: Z[i → j]}}``."""
+        mean = self.affinity
+        if mean is None:
+            return {}
+        rows = mean.tolist()
+        return {a: dict(zip(self.task_names, row)) for a, row in zip(self.task_names, rows)}
+
+    # ------------------------------------------------------------------ the measurement
+    def _lookahead_lr(self, trainer: pl.Trainer) -> float:
+        if self.lr is not None:
+            return self.lr
+        if not trainer.optimizers:
+            raise RuntimeError(
+                "TaskAffinity(lr=None) reads the optimizer's lr, but the Trainer has no optimizer."
+            )
+        return float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_task_losses(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        losses: Mapping[str, Tensor],
+        batch: Any,
+        batch_idx: int,
+        ctx: Any,
+    ) -> None:
+        """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
+        if not is_measured_step(trainer, ctx, self.every_n_steps):
+            return
+        from lightning_mtl.gradients import grad_scale, reduce_mean_, unflatten
+
+        params = self._params
+        assert params is not None
+        J = reduce_mean_(trainer, self._engine(ctx.losses, params, scale=grad_scale(trainer)))
+        lr = self._lookahead_lr(trainer)
+        T = J.shape[0]
+        saved = [p.detach().clone() for p in params]
+        buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
+        rows = []
+        with ExitStack() as stack:
+            devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            rng = torch.get_rng_state()
+            cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
+            stack.enter_context(torch.no_grad())
+            try:
+                rows.append(self._losses_at(pl_module, batch, batch_idx, rng, devices, cuda_rng))
+                for i in range(T):
+                    for p, p0, g in zip(params, saved, unflatten(J[i], params)):
+                        # .data: no version-counter bump, the step's graph (which saved θ) stays valid
+                        p.data.copy_(p0 - lr * g.to(p0.dtype))
+                    rows.append(self._losses_at(pl_module, batch, batch_idx, rng, devices, cuda_rng))
+            finally:
+                for p, p0 in zip(params, saved):
+                    p.data.copy_(p0)
+                for b, b0 in buffers:
+                    b.data.copy_(b0)
+                torch.clear_autocast_cache()
+        stacked = reduce_mean_(trainer, torch.stack(rows))  # [T + 1, T]: L(θ), then L(θ'ᵢ) for each i
+        Z = lookahead_affinity(stacked[0], stacked[1:]).detach().cpu().float()
+        self.last = Z
+        self._sum = Z.clone() if self._sum is None else self._sum + Z
+        self._count += 1
+        names = self.task_names
+        values = Z.tolist()
+        log_scalars(
+            trainer,
+            {f"affinity/{names[i]}/{names[j]}": values[i][j] for i in range(T) for j in range(T)},
+        )
+
+    @staticmethod
+    def _losses_at(
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        rng: Tensor,
+        devices: list[Any],
+        cuda_rng: list[Tensor],
+    ) -> Tensor:
+        from lightning_mtl.metrics import split_task_output
+
+        torch.set_rng_state(rng)
+        for d, state in zip(devices, cuda_rng):
+            torch.cuda.set_rng_state(state, d)
+        torch.clear_autocast_cache()  # autocast caches casts of the weights: drop the stale ones
+        losses, _ = split_task_output(pl_module.task_losses(batch, batch_idx))
+        return torch.stack([losses[n].detach().float() for n in pl_module.task_names])
+
+    # ------------------------------------------------------------------ reporting
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mean = self.affinity
+        if self.log_heatmap and mean is not None:
+            bound = max(float(mean.abs().max()), 1e-6)
+            log_heatmap(
+                trainer,
+                "affinity/heatmap",
+                mean,
+                self.task_names,
+                f"lookahead affinity Z[row → column] (mean of {self._count})",
+                -bound,
+                bound,
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mean = self.affinity
+        if self.print_table and mean is not None and trainer.global_rank == 0:
+            print_rich(
+                matrix_table(
+                    mean,
+                    self.task_names,
+                    f"task affinity Z[i → j] = 1 − Lⱼ(after a step on i) / Lⱼ ({self._count} measurements)",
+                    "step on ↓ / loss of →",
+                )
+            )
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"task_names": list(self.task_names), "sum": self._sum, "count": self._count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.task_names = tuple(state_dict["task_names"])
+        self._sum = state_dict["sum"]
+        self._count = int(state_dict["count"])

@@ -52,3 +52,22 @@ def test_strategy_state_is_in_the_checkpoint(tmp_path):
     (state,) = [v for k, v in ckpt["callbacks"].items() if "UncertaintyWeighting" in k]
     torch.testing.assert_close(state["learnable"]["values"], strategy.params.detach())
     assert not torch.equal(state["learnable"]["values"], torch.zeros(3)), "log-variances never moved"
+
+
+@pytest.mark.parametrize("name", ["dwa", "uncertainty-adam", "rlw"])
+def test_mid_epoch_resume_by_steps(tmp_path, name):
+    # ScalarNet's losses do not depend on the batch, so only the strategy state decides the trajectory
+    from helpers import ScalarNet, dummy_loader
+
+    def run(max_steps, ckpt=None):
+        net, strategy = ScalarNet(lr=0.01), STRATEGIES[name]()
+        t = trainer(max_epochs=-1, max_steps=max_steps, callbacks=[strategy])
+        t.fit(net, dummy_loader(4), ckpt_path=ckpt)
+        return t, net, strategy
+
+    _, straight, s_straight = run(14)
+    t_half, _, _ = run(7)  # stops in the middle of the second epoch
+    t_half.save_checkpoint(tmp_path / "mid.ckpt")
+    _, resumed, s_resumed = run(14, tmp_path / "mid.ckpt")
+    assert resumed.theta.item() == pytest.approx(straight.theta.item(), abs=1e-6)
+    assert s_resumed.weights == pytest.approx(s_straight.weights, abs=1e-6)

@@ -35,7 +35,6 @@ class DWA(LossWeighting):
         self.temperature = float(temperature)
         self._sum: Tensor | None = None
         self._count = 0
-        self._sum_epoch = -1
         self._history: list[Tensor] = []  # [L̄(t-2), L̄(t-1)], oldest first
         self._epoch_weights: Tensor | None = None
 
@@ -45,10 +44,13 @@ class DWA(LossWeighting):
         self._sum, self._count = None, 0
         self._epoch_weights = None
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._sum_epoch != trainer.current_epoch:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # An epoch ends when the next pass over the data starts. Keying on the batch index rather than on
+        # trainer.current_epoch keeps a mid-epoch resume exact (Lightning relabels the resumed epoch).
+        if batch_idx == 0:
             self._close_epoch()
-            self._sum_epoch = trainer.current_epoch
 
     def compute_weights(self, losses: Tensor) -> Tensor:
         detached = losses.detach().double()
@@ -69,13 +71,11 @@ class DWA(LossWeighting):
         return {
             "sum": None if self._sum is None else self._sum.cpu(),
             "count": self._count,
-            "sum_epoch": self._sum_epoch,
             "history": [h.cpu() for h in self._history],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._sum = state_dict["sum"]
         self._count = int(state_dict["count"])
-        self._sum_epoch = int(state_dict["sum_epoch"])
         self._history = list(state_dict["history"])
         self._epoch_weights = None

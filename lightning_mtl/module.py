@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -82,6 +83,21 @@ class MultiTaskModule(pl.LightningModule):
         self.task_metrics: TaskMetrics | None = (
             TaskMetrics(self.tasks) if any(t.metrics is not None for t in self.tasks) else None
         )
+        self._shared_representation: Tensor | None = None  # set by shared_representation() in training
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Lightning drops a scheduler dict's "interval"/"monitor"/"strict" in manual optimisation; the module
+        # steps schedulers itself, so it records them from what configure_optimizers returns.
+        original = cls.__dict__.get("configure_optimizers")
+        if original is not None and not getattr(original, "_mtl_wrapped", False):
+
+            @functools.wraps(original)
+            def configure_optimizers(self: MultiTaskModule, *args: Any, **kw: Any) -> Any:
+                return self._record_schedulers(original(self, *args, **kw))
+
+            configure_optimizers._mtl_wrapped = True  # type: ignore[attr-defined]
+            cls.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
 
     # ================================================================== user API
     def task_losses(self, batch: Any, batch_idx: int) -> Any:
@@ -98,6 +114,24 @@ class MultiTaskModule(pl.LightningModule):
         """The parameters every task shares (the encoder). Gradient-based strategies need it; ``None`` means
         not declared."""
         return None
+
+    # --- shared representation (gradient strategies' mode="representation") ---------------------------
+    def shared_representation(self, z: Tensor) -> Tensor:
+        """Mark ``z`` as the shared representation (the encoder's output every task head consumes) and return
+        it unchanged. Call it once per ``task_losses`` call: ``z = self.shared_representation(self.encoder(x))``.
+
+        Gradient strategies in ``mode="representation"`` (e.g. ``MGDA(mode="representation")``, ``GradDrop``)
+        compute the per-task gradients w.r.t. ``z`` instead of the shared parameters. Outside training (or
+        without a strategy that uses it) the call only returns ``z``.
+        """
+        if self.training and torch.is_grad_enabled():
+            if self._shared_representation is not None and self._trainer is not None:
+                raise RuntimeError(
+                    "shared_representation() was called twice in one training step. Mark the single tensor "
+                    "that all task heads consume (concatenate several feature maps first if needed)."
+                )
+            self._shared_representation = z
+        return z
 
     @property
     def strategy(self) -> MTLStrategy:
@@ -197,6 +231,7 @@ class MultiTaskModule(pl.LightningModule):
         k = self.accumulate_grad_batches
         position = batch_idx % k
         is_sync = position == k - 1 or bool(trainer.is_last_batch)
+        self._shared_representation = None
         losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
         stacked = self._stack_losses(losses, "training", training=True)
         detached = stacked.detach()
@@ -224,6 +259,7 @@ class MultiTaskModule(pl.LightningModule):
             block = getattr(trainer.strategy, "block_backward_sync", None)
             with nullcontext() if is_sync or block is None or trainer.world_size == 1 else block():
                 strategy.backward(loss_dict, ctx)
+        self._shared_representation = None  # do not keep this step's graph alive
 
         if is_sync:
             if self._window_discarded:
@@ -270,27 +306,71 @@ class MultiTaskModule(pl.LightningModule):
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
 
+    def _record_schedulers(self, output: Any) -> Any:
+        """Record (and strip) the scheduler-dict keys Lightning ignores in manual optimisation."""
+        specs = self.__dict__.setdefault("_scheduler_specs", {})
+        ignored = ("interval", "monitor", "strict", "reduce_on_plateau")
+
+        def strip(config: Any) -> Any:
+            if not isinstance(config, Mapping) or "scheduler" not in config:
+                return config
+            if any(k in config for k in ignored):
+                specs[id(config["scheduler"])] = {
+                    "interval": config.get("interval", "epoch"),
+                    "monitor": config.get("monitor"),
+                    "strict": config.get("strict", True),
+                }
+            return {k: v for k, v in config.items() if k not in ignored}
+
+        def visit(item: Any) -> Any:
+            if isinstance(item, Mapping) and "optimizer" in item:
+                out = dict(item)
+                if "lr_scheduler" in out:
+                    out["lr_scheduler"] = strip(out["lr_scheduler"])
+                if "monitor" in out:  # top-level monitor applies to the (single) scheduler
+                    sched = out.get("lr_scheduler")
+                    sched_obj = sched.get("scheduler") if isinstance(sched, Mapping) else sched
+                    if sched_obj is not None:
+                        specs.setdefault(id(sched_obj), {"interval": "epoch", "strict": True})["monitor"] = out["monitor"]
+                    out.pop("monitor")
+                return out
+            return strip(item)
+
+        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], (list, tuple)):
+            return output[0], [visit(s) for s in output[1]]
+        if isinstance(output, (list, tuple)):
+            return type(output)(visit(o) for o in output)
+        return visit(output)
+
     def _step_schedulers(self, interval: str) -> None:
         configs = self.trainer.lr_scheduler_configs
         if not configs:
             return
+        specs = self.__dict__.get("_scheduler_specs", {})
         n_opt = max(1, len(self.trainer.optimizers))
         counter = self.trainer.global_step // n_opt if interval == "step" else self.current_epoch + 1
         for config in configs:
-            if config.interval != interval or counter % config.frequency != 0:
+            spec = specs.get(id(config.scheduler), {})
+            if spec.get("interval", "epoch") != interval or counter % config.frequency != 0:
                 continue
             metric = None
-            if config.reduce_on_plateau:
-                metric = self.trainer.callback_metrics.get(config.monitor)
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                monitor = spec.get("monitor")
+                if monitor is None:
+                    raise ValueError(
+                        "ReduceLROnPlateau needs a metric to monitor: return {'optimizer': opt, 'lr_scheduler': "
+                        "{'scheduler': sched, 'monitor': 'val/loss'}} from configure_optimizers."
+                    )
+                metric = self.trainer.callback_metrics.get(monitor)
                 if metric is None:
-                    if config.strict:
+                    if spec.get("strict", True):
                         available = sorted(self.trainer.callback_metrics)
                         raise KeyError(
-                            f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged; available: "
+                            f"ReduceLROnPlateau monitors {monitor!r}, which was not logged; available: "
                             f"{available}. Set 'monitor' in configure_optimizers to one of them."
                         )
                     rank_zero_warn(
-                        f"ReduceLROnPlateau monitor {config.monitor!r} not logged yet; not stepping."
+                        f"ReduceLROnPlateau monitor {monitor!r} not logged yet; not stepping."
                     )
                     continue
             self.lr_scheduler_step(config.scheduler, metric)

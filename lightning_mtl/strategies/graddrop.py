@@ -1,0 +1,114 @@
+"""GradDrop: gradient sign dropout at the shared representation (Chen et al. 2020)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_mtl.functional.graddrop import graddrop
+from lightning_mtl.gradients import JacobianEngine, grad_scale, marked_representation
+from lightning_mtl.strategies._gradient_based import JacobianMethod
+from lightning_mtl.strategies.base import MTLStrategy, StepContext, global_seed
+from lightning_mtl.task import Task
+
+
+class GradDrop(MTLStrategy):
+    """GradDrop: Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: Optimizing Deep
+    Multitask Models with Gradient Sign Dropout", NeurIPS 2020 (https://arxiv.org/abs/2010.06808), Algorithm 1.
+
+    At the shared representation ``A`` (mark it with ``z = self.shared_representation(z)`` in
+    ``task_losses``) each task's gradient ``∇ᵢ = ∂Lᵢ/∂A`` is masked by sign purity: ``P = ½(1 + ΣSᵢ/Σ|Sᵢ|)``
+    with ``Sᵢ = Σ_batch sign(A)⊙∇ᵢ``, a uniform draw ``U`` per element keeps the positive gradients where
+    ``P > U`` and the negative ones elsewhere; the **sum** of the masked gradients is back-propagated into
+    the encoder (:func:`~lightning_mtl.functional.graddrop.graddrop`). The heads get their usual gradients:
+    the strategy back-propagates ``Σ Lᵢ`` plus a correction term on ``A``, in one pass through Lightning (DDP
+    averaging and AMP scaling apply).
+
+    GradDrop has no task weights (``weights`` is ``None``). Under DDP the purity is computed from each rank's
+    batch (the masks are per device, as with a per-device batch in the paper's setting), with the same draw
+    ``U`` on every rank; with gradient accumulation, per micro-batch. The draws come from a CPU generator
+    seeded with ``seed`` (default: the global seed), saved in checkpoints.
+
+    Args:
+        leak: ``ℓ`` in ``[0, 1]``: a float for every task or a ``task -> value`` mapping (default 0; 1 lets a
+            main task's gradient through unmasked).
+        seed: generator seed (``None``: the global seed).
+        jacobian: ``"auto"``, ``"batched"`` or ``"loop"`` (how the per-task representation gradients are taken).
+    """
+
+    def __init__(
+        self,
+        leak: float | Mapping[str, float] = 0.0,
+        seed: int | None = None,
+        *,
+        jacobian: JacobianMethod = "auto",
+    ) -> None:
+        super().__init__()
+        values = list(leak.values()) if isinstance(leak, Mapping) else [leak]
+        for v in values:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not (math.isfinite(v) and 0 <= v <= 1)
+            ):
+                raise ValueError(f"GradDrop leak values must be numbers in [0, 1], got {leak!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"GradDrop seed must be an int or None, got {seed!r}.")
+        self.leak = leak
+        self.seed = seed
+        self._engine = JacobianEngine(jacobian, owner="GradDrop")
+        self._leak: Tensor | None = None
+        self._generator: torch.Generator | None = None
+
+    def bind(self, tasks: Sequence[Task]) -> None:
+        super().bind(tasks)
+        if isinstance(self.leak, Mapping):
+            unknown = sorted(set(self.leak) - set(self.task_names))
+            if unknown:
+                raise ValueError(
+                    f"GradDrop leak names unknown task(s) {unknown}; tasks are {list(self.task_names)}."
+                )
+            self._leak = torch.tensor([float(self.leak.get(t, 0.0)) for t in self.task_names])
+        else:
+            self._leak = torch.full((len(self.task_names),), float(self.leak))
+
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(global_seed(self.seed))
+        return self._generator
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        _ = self.generator
+
+    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
+        assert self._leak is not None
+        z = marked_representation(ctx.module, "GradDrop")
+        scale = grad_scale(ctx.trainer)
+        grads = self._engine(ctx.losses, [z], scale).reshape(self.num_tasks, *z.shape).detach()
+        if bool(torch.isfinite(grads).all()):
+            combined = graddrop(grads, z.detach(), leak=self._leak.to(grads), generator=self.generator)
+            correction = combined - grads.sum(dim=0)
+        elif scale is not None:  # AMP overflow: a non-finite gradient makes the GradScaler skip the step
+            correction = torch.full_like(grads[0], math.nan)
+        else:
+            raise FloatingPointError(
+                "GradDrop: the per-task gradients w.r.t. the shared representation are not finite although the "
+                f"losses are {ctx.losses.detach().tolist()}. Lower the learning rate or clip the gradients."
+            )
+        # d/dz of this surrogate is Σ∇ᵢ + correction = the GradDrop gradient; the heads get ∇Σ Lᵢ.
+        ctx.backward(ctx.losses.sum() + (z.float() * correction.float()).sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._generator is None else {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "generator" in state_dict:
+            self._generator = torch.Generator()
+            self._generator.set_state(state_dict["generator"])

@@ -1,0 +1,78 @@
+"""GradVac: gradient vaccine (Wang et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from lightning_mtl.functional.gradvac import gradvac_weights
+from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
+
+
+class GradVac(GradientWeighting):
+    """GradVac: Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models", ICLR 2021 (https://arxiv.org/abs/2010.05874), Algorithm 1.
+
+    A generalisation of PCGrad: for each task ``i`` and each other task ``j`` (random order), when the cosine
+    ``φ`` between ``gᵢᴾᶜ`` and ``gⱼ`` is below the target ``φ̂ᵢⱼ``, ``gⱼ`` is added to ``gᵢᴾᶜ`` until their cosine
+    is ``φ̂ᵢⱼ``; the targets are EMAs ``φ̂ᵢⱼ ← (1−β)φ̂ᵢⱼ + βφ`` (initialised to 0). The update is the **sum**
+    ``Σ gᵢᴾᶜ``. On the whole model this is a combination ``Σ wᵢgᵢ`` computed on the Gramian
+    (:func:`~lightning_mtl.functional.gradvac.gradvac_weights`), followed by one backward of ``Σ wᵢLᵢ``.
+    The targets ``[T, T]`` and the generator are saved in checkpoints and identical on every rank.
+
+    Args:
+        beta: EMA rate of the targets (default 1e-2, the paper's; LibMTL and TorchJD use 0.5).
+        eps: guard of ``√(1−φ̂²)`` (default 1e-8).
+        seed: seed of the task-order generator (``None``: the global seed).
+        mode: ``"parameters"`` (default; the whole shared model is one group) or ``"representation"``.
+        update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
+    """
+
+    random = True
+
+    def __init__(
+        self,
+        beta: float = 1e-2,
+        eps: float = 1e-8,
+        seed: int | None = None,
+        *,
+        mode: GradientMode = "parameters",
+        update_every: int = 1,
+        sync: SyncMode = "exact",
+        jacobian: JacobianMethod = "auto",
+    ) -> None:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"GradVac beta must be a number in [0, 1], got {beta!r}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"GradVac eps must be a finite number > 0, got {eps!r}.")
+        super().__init__(mode=mode, update_every=update_every, sync=sync, jacobian=jacobian, seed=seed)
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self._targets: Tensor | None = None
+
+    @property
+    def targets(self) -> Tensor | None:
+        """The EMA cosine targets ``φ̂`` (``[T, T]``, float64), ``None`` before the first update."""
+        return self._targets
+
+    def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
+        weights, targets = gradvac_weights(
+            stat, self._targets, beta=self.beta, eps=self.eps, generator=self.generator
+        )
+        self._targets = targets.detach().cpu().double()
+        return weights
+
+    def method_state(self) -> dict[str, Any]:
+        return {"targets": None if self._targets is None else self._targets.clone()}
+
+    def load_method_state(self, state: Mapping[str, Any]) -> None:
+        targets = state.get("targets")
+        if targets is not None and targets.shape != (self.num_tasks, self.num_tasks):
+            raise ValueError(
+                f"GradVac: checkpointed targets have shape {tuple(targets.shape)}, expected "
+                f"[{self.num_tasks}, {self.num_tasks}]: the checkpoint was written for other tasks."
+            )
+        self._targets = None if targets is None else targets.detach().cpu().double().clone()

@@ -1,0 +1,95 @@
+"""Nash-MTL: multi-task learning as a bargaining game (Navon et al. 2022)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_mtl.functional.nash_mtl import nash_mtl_weights
+from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
+
+
+class NashMTL(GradientWeighting):
+    """Nash-MTL: Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning as a
+    Bargaining Game", ICML 2022 (https://arxiv.org/abs/2202.01017), Algorithm 1.
+
+    The weights ``α > 0`` are the Nash bargaining solution ``Gα = 1/α`` (elementwise) on the Gramian of the
+    shared gradients; they are not normalised (``‖Σ αᵢgᵢ‖ = √T``). Solved without cvxpy
+    (:func:`~lightning_mtl.functional.nash_mtl.nash_mtl_weights`: damped Newton, warm-started from the
+    previous ``α``, at most ``optim_niter`` steps, tolerance 1e-3 as the authors). Then ``Σ αᵢLᵢ`` is
+    back-propagated once and the shared parameters' gradient norm is clipped to ``max_norm`` before the
+    optimizer step (on unscaled, rank-averaged gradients), as in the authors' code.
+
+    When the solver does not converge (no bargaining solution exists, e.g. a zero task gradient, or the step
+    budget ran out) the strategy warns and **falls back to the previous** ``α`` (the authors' behaviour;
+    the first step keeps the solver's last iterate); ``train/nash_mtl/converged`` logs 0 for that update
+    and ``train/nash_mtl/failures`` counts them.
+
+    ``update_every=k`` is Nash-MTL-T (the paper's ``update_weights_every``): recompute ``α`` every ``k``
+    optimizer steps and reuse it in between.
+
+    Args:
+        max_norm: clip of the shared gradient's norm, ``None`` to disable (default 1.0, the authors').
+        optim_niter: Newton steps per update at most (default 20, the authors' ``optim_niter``).
+        tol: tolerance on ``‖Ĝα̂ − 1/α̂‖`` with ``Ĝ = G/‖G‖_F`` (default 1e-3).
+        update_every: see above (default 1).
+        mode: ``"parameters"`` (default, the paper) or ``"representation"``.
+        sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
+    """
+
+    def __init__(
+        self,
+        max_norm: float | None = 1.0,
+        optim_niter: int = 20,
+        tol: float = 1e-3,
+        *,
+        update_every: int = 1,
+        mode: GradientMode = "parameters",
+        sync: SyncMode = "exact",
+        jacobian: JacobianMethod = "auto",
+    ) -> None:
+        if max_norm is not None and (
+            isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0
+        ):
+            raise ValueError(f"NashMTL max_norm must be a number > 0 or None, got {max_norm!r}.")
+        if isinstance(optim_niter, bool) or not isinstance(optim_niter, int) or optim_niter < 1:
+            raise ValueError(f"NashMTL optim_niter must be an int >= 1, got {optim_niter!r}.")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"NashMTL tol must be a finite number > 0, got {tol!r}.")
+        super().__init__(mode=mode, update_every=update_every, sync=sync, jacobian=jacobian)
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.optim_niter = optim_niter
+        self.tol = float(tol)
+        self._alpha: Tensor | None = None  # last converged α: the warm start and the fallback
+        self._failures = 0
+
+    def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
+        previous = None if self._alpha is None else self._alpha.to(stat.device, stat.dtype)
+        alpha, converged = nash_mtl_weights(stat, previous=previous, max_iter=self.optim_niter, tol=self.tol)
+        self._metrics["train/nash_mtl/converged"] = torch.tensor(float(converged))
+        if converged:
+            self._alpha = alpha.detach().cpu().double()
+            return alpha
+        self._failures += 1
+        self._metrics["train/nash_mtl/failures"] = torch.tensor(float(self._failures))
+        fallback = "the previous weights" if self._alpha is not None else "the solver's last iterate"
+        rank_zero_warn(
+            f"NashMTL: the bargaining problem did not converge within optim_niter={self.optim_niter} steps "
+            f"(failure {self._failures}; e.g. a task gradient is zero or the gradients cancel out); using "
+            f"{fallback}. Raise optim_niter or check the tasks' gradients.",
+            category=RuntimeWarning,
+        )
+        return alpha if self._alpha is None else self._alpha.to(stat.device, stat.dtype)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"alpha": None if self._alpha is None else self._alpha.clone(), "failures": self._failures}
+
+    def load_method_state(self, state: Mapping[str, Any]) -> None:
+        alpha = state.get("alpha")
+        self._alpha = None if alpha is None else alpha.detach().cpu().double().clone()
+        self._failures = int(state.get("failures", 0))

@@ -1,0 +1,47 @@
+"""PCGrad: gradient surgery by projecting conflicting gradients (Yu et al. 2020)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_mtl.functional.pcgrad import pcgrad_weights
+from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
+
+
+class PCGrad(GradientWeighting):
+    """PCGrad: Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task Learning", NeurIPS
+    2020 (https://arxiv.org/abs/2001.06782), Algorithm 1.
+
+    Each task gradient is projected onto the normal plane of every other task's (original) gradient it
+    conflicts with, taken in a random order; the update is the **sum** of the projected gradients on the
+    shared parameters. The paper has no hyper-parameter. The projected sum is a combination ``Σ wᵢ∇Lᵢ`` of
+    the original gradients: the strategy computes ``w`` on the Gramian
+    (:func:`~lightning_mtl.functional.pcgrad.pcgrad_weights`) and back-propagates ``Σ wᵢLᵢ`` once, so the
+    task-specific heads receive ``wᵢ∇Lᵢ`` (the paper leaves them untouched, i.e. ``wᵢ = 1``; ``wᵢ`` is 1
+    whenever task ``i`` conflicts with no other task).
+
+    The random orders are drawn from a CPU generator seeded with ``seed`` (default: Lightning's global seed,
+    else 0): identical on every rank, independent of the world size, saved in checkpoints.
+
+    Args:
+        seed: seed of the task-order generator (``None``: the global seed).
+        mode: ``"parameters"`` (default, the paper) or ``"representation"`` (gradients w.r.t. the marked
+            shared representation).
+        update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
+    """
+
+    random = True
+
+    def __init__(
+        self,
+        seed: int | None = None,
+        *,
+        mode: GradientMode = "parameters",
+        update_every: int = 1,
+        sync: SyncMode = "exact",
+        jacobian: JacobianMethod = "auto",
+    ) -> None:
+        super().__init__(mode=mode, update_every=update_every, sync=sync, jacobian=jacobian, seed=seed)
+
+    def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
+        return pcgrad_weights(stat, generator=self.generator)

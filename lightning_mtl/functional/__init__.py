@@ -7,6 +7,7 @@ from lightning_mtl.functional.loss_weighting import (
     random_weights,
     static_weights,
     uncertainty_objective,
+    uncertainty_objective_grad,
     uncertainty_weights,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "random_weights",
     "static_weights",
     "uncertainty_objective",
+    "uncertainty_objective_grad",
     "uncertainty_weights",
 ]

@@ -84,6 +84,20 @@ def uncertainty_objective(
     return (weights * losses + penalty).sum()
 
 
+def uncertainty_objective_grad(
+    losses: Tensor, params: Tensor, factors: Tensor, regularizer: Literal["log", "positive"] = "log"
+) -> Tensor:
+    """Closed-form gradient of :func:`uncertainty_objective` w.r.t. ``params`` (losses held constant).
+
+    ``"log"``: ``−cᵢ·exp(−sᵢ)·Lᵢ + ½``; ``"positive"``: ``−Lᵢ/cᵢ³ + 2cᵢ/(1 + cᵢ²)``.
+    """
+    if regularizer == "log":
+        return 0.5 - factors * torch.exp(-params) * losses
+    if regularizer == "positive":
+        return -losses / params.pow(3) + 2 * params / (1 + params.square())
+    raise ValueError(f"regularizer must be 'log' or 'positive', got {regularizer!r}.")
+
+
 def random_weights(
     num_tasks: int,
     generator: torch.Generator | None = None,

@@ -9,7 +9,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mtl.functional.loss_weighting import uncertainty_objective, uncertainty_weights
+from lightning_mtl.functional.loss_weighting import (
+    uncertainty_objective,
+    uncertainty_objective_grad,
+    uncertainty_weights,
+)
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
 from lightning_mtl.strategies._loss_based import LossWeighting
 from lightning_mtl.strategies.base import StepContext
@@ -113,10 +117,10 @@ class UncertaintyWeighting(LossWeighting):
         learn = self._learnable
         learn.prepare(ctx.trainer, ctx.losses.device)
         factors = self._factors.to(ctx.losses.device)
-        objective = uncertainty_objective(ctx.global_losses, learn.param, factors, self.regularizer)
-        (grad,) = torch.autograd.grad(objective, learn.param)
+        params = learn.param.detach()
+        grad = uncertainty_objective_grad(ctx.global_losses, params, factors, self.regularizer)
         learn.accumulate(grad / ctx.accumulate_grad_batches)
-        weights = uncertainty_weights(learn.param.detach(), factors, self.regularizer)
+        weights = uncertainty_weights(params, factors, self.regularizer)
         ctx.backward((weights * ctx.losses).sum())
         self._weights = weights
 

@@ -175,3 +175,18 @@ def test_dirichlet_mean_is_uniform():
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([random_weights(4, g, "dirichlet", concentration=2.0) for _ in range(2000)])
     torch.testing.assert_close(draws.mean(0), torch.full((4,), 0.25), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("regularizer", ["log", "positive"])
+def test_uncertainty_closed_form_gradient_matches_autograd(regularizer):
+    from lightning_mtl.functional import uncertainty_objective_grad
+
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(5, generator=g, dtype=torch.float64) * 3 + 0.1
+    params = torch.randn(5, generator=g, dtype=torch.float64) + (2.0 if regularizer == "positive" else 0.0)
+    params.requires_grad_(True)
+    factors = torch.tensor([0.5, 1.0, 0.5, 1.0, 0.5], dtype=torch.float64)
+    (auto,) = torch.autograd.grad(uncertainty_objective(losses, params, factors, regularizer), params)
+    torch.testing.assert_close(
+        uncertainty_objective_grad(losses, params.detach(), factors, regularizer), auto
+    )

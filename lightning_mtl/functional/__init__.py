@@ -1,5 +1,18 @@
-"""Pure math of every method: torch only, no Lightning, no state, no I/O."""
+"""Pure math of every method: torch only, no Lightning, no state, no I/O.
 
+Loss-weighting rules take the losses ``[T]``; gradient methods take the task Jacobian ``J`` (``[T, P]``) and
+return the update ``[P]``, and the Gramian-expressible ones also expose ``<name>_weights(G)`` on ``G = J Jᵀ``.
+"""
+
+from lightning_mtl.functional.gradient_methods import *  # noqa: F403
+from lightning_mtl.functional.gradient_methods import __all__ as _gradient_all
+from lightning_mtl.functional.gradnorm import (
+    gradnorm_objective,
+    gradnorm_targets,
+    gradnorm_weight_grad,
+    inverse_training_rates,
+    renormalize_weights,
+)
 from lightning_mtl.functional.loss_weighting import (
     dwa_weights,
     gls_loss,
@@ -12,10 +25,16 @@ from lightning_mtl.functional.loss_weighting import (
 )
 
 __all__ = [
+    *_gradient_all,
     "dwa_weights",
     "gls_loss",
     "gls_weights",
+    "gradnorm_objective",
+    "gradnorm_targets",
+    "gradnorm_weight_grad",
+    "inverse_training_rates",
     "random_weights",
+    "renormalize_weights",
     "static_weights",
     "uncertainty_objective",
     "uncertainty_objective_grad",

@@ -140,3 +140,15 @@ class ScalarNet(MultiTaskModule):
 
 def dummy_loader(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1)
+
+
+class RepTinyNet(TinyNet):
+    """:class:`TinyNet` that marks its encoder output with ``shared_representation`` (representation mode)."""
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        z = self.shared_representation(self.encoder(x))
+        return {
+            t: nn.functional.mse_loss(self.heads[t](z).squeeze(1), y[:, i])
+            for i, t in enumerate(self.task_names)
+        }

@@ -70,9 +70,10 @@ class GradVac(GradientWeighting):
 
     def load_method_state(self, state: Mapping[str, Any]) -> None:
         targets = state.get("targets")
-        if targets is not None and targets.shape != (self.num_tasks, self.num_tasks):
+        T = None if self._task_names is None else self.num_tasks
+        if targets is not None and T is not None and targets.shape != (T, T):
             raise ValueError(
                 f"GradVac: checkpointed targets have shape {tuple(targets.shape)}, expected "
-                f"[{self.num_tasks}, {self.num_tasks}]: the checkpoint was written for other tasks."
+                f"[{T}, {T}]: the checkpoint was written for other tasks."
             )
         self._targets = None if targets is None else targets.detach().cpu().double().clone()

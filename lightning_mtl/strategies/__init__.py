@@ -1,24 +1,47 @@
 """Strategy callbacks: how the task losses become one update. Attach exactly one to the Trainer."""
 
+from lightning_mtl.strategies._gradient_based import GradientWeighting
 from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.strategies.aligned_mtl import AlignedMTL
 from lightning_mtl.strategies.base import MTLStrategy, StepContext
+from lightning_mtl.strategies.cagrad import CAGrad
 from lightning_mtl.strategies.dwa import DWA
 from lightning_mtl.strategies.equal import EqualWeighting
+from lightning_mtl.strategies.fairgrad import FairGrad
 from lightning_mtl.strategies.gls import GLS
+from lightning_mtl.strategies.graddrop import GradDrop
 from lightning_mtl.strategies.gradnorm import GradNorm
+from lightning_mtl.strategies.gradvac import GradVac
+from lightning_mtl.strategies.imtl_g import IMTLG
+from lightning_mtl.strategies.mgda import MGDA
+from lightning_mtl.strategies.nash_mtl import NashMTL
+from lightning_mtl.strategies.pcgrad import PCGrad
 from lightning_mtl.strategies.rlw import RLW
 from lightning_mtl.strategies.static import StaticWeighting
 from lightning_mtl.strategies.uncertainty import UncertaintyWeighting
+from lightning_mtl.strategies.upgrad import DualProj, UPGrad
 
 __all__ = [
     "DWA",
     "GLS",
-    "GradNorm",
+    "IMTLG",
+    "MGDA",
     "RLW",
+    "AlignedMTL",
+    "CAGrad",
+    "DualProj",
     "EqualWeighting",
+    "FairGrad",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "GradientWeighting",
     "LossWeighting",
     "MTLStrategy",
+    "NashMTL",
+    "PCGrad",
     "StaticWeighting",
     "StepContext",
+    "UPGrad",
     "UncertaintyWeighting",
 ]

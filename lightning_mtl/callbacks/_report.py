@@ -108,7 +108,7 @@ def matrix_table(matrix: Tensor, labels: Sequence[str], title: str, corner: str)
         table.add_column(name, justify="right")
     m = matrix.detach().cpu().tolist()
     for name, row in zip(labels, m):
-        table.add_row(name, *(f"{v:+.3f}" for v in row))
+        table.add_row(name, *(f"{v:+.3g}" for v in row))
     return table
 
 

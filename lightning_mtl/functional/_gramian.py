@@ -65,6 +65,20 @@ def normalize_by_trace(G64: Tensor) -> tuple[Tensor, float]:
     return G64 / trace, trace
 
 
+def psd_part(G64: Tensor) -> Tensor:
+    """Nearest positive semi-definite matrix: negative eigenvalues set to zero.
+
+    A Gramian computed in float32 is indefinite at the level of its rounding (eigenvalues down to about
+    ``−1e-7·tr G``), enough to make the small convex problems of MGDA, CAGrad, Nash-MTL and FairGrad
+    non-convex; this removes that noise and nothing else.
+    """
+    eigenvalues, V = torch.linalg.eigh(G64)
+    if bool((eigenvalues >= 0).all()):
+        return G64
+    G_psd = (V * eigenvalues.clamp_min(0)) @ V.T
+    return (G_psd + G_psd.T) / 2
+
+
 def as_output(weights64: Tensor, like: Tensor) -> Tensor:
     """Cast solver output back to the caller's dtype and device."""
     return weights64.to(device=like.device, dtype=like.dtype)
@@ -237,9 +251,11 @@ def solve_power_barrier(
     """Solve ``Qx = x^(−power)`` (elementwise, ``x > 0``) by damped Newton on a strictly convex function.
 
     The equation is the stationarity condition of ``f(x) = ½xᵀQx + Σ h(xᵢ)`` with ``h'(x) = −x^(−power)``
-    (``h = −log`` for ``power = 1``: Nash-MTL; ``power = 1/α``: FairGrad). Each step solves
-    ``(Q + diag(h''(x))) d = −∇f``, never leaves ``x > 0`` (at most 99 % of the way to the boundary) and
-    backtracks until Armijo's condition holds. Converged when ``‖Qx − x^(−power)‖ ≤ tol``.
+    (``h = −log`` for ``power = 1``: Nash-MTL; ``power = 1/α``: FairGrad). It starts from the best multiple
+    of ``x0``; each step solves ``(Q + diag(h''(x))) d = −∇f``, never leaves ``x > 0`` (at most 99 % of the
+    way to the boundary) and backtracks until Armijo's condition holds. Converged when
+    ``maxᵢ |xᵢ^power·(Qx)ᵢ − 1| ≤ tol`` (relative, independent of the scale of ``Q``); one more full Newton
+    step then polishes the solution when it lowers that violation.
 
     Returns ``(x, converged)``; when no solution exists (a zero gradient, or a non-negative combination of
     the gradients summing to zero) the iterates grow along that direction and ``converged`` is ``False``.
@@ -253,19 +269,41 @@ def solve_power_barrier(
     def objective(v: Tensor) -> float:
         return float(0.5 * v @ Q @ v + h(v).sum())
 
-    x = x0.clone()
-    for it in range(max_iter + 1):
-        residual = Q @ x - x.pow(-power)
-        if float(residual.norm()) <= tol:
-            return x, True
-        if it == max_iter or float(x.max()) > 1e15:
-            break
-        hessian = Q + torch.diag(power * x.pow(-power - 1.0))
+    def newton_direction(v: Tensor, residual: Tensor) -> Tensor | None:
+        hessian = Q + torch.diag(power * v.pow(-power - 1.0))
         try:
             d = -torch.linalg.solve(hessian, residual)
         except RuntimeError:  # pragma: no cover - singular only through overflow
+            return None
+        return d if bool(torch.isfinite(d).all()) else None
+
+    def violation(v: Tensor) -> float:
+        # Scale-free: vᵢ^power·(Qv)ᵢ = 1 at the solution, whereas along a direction without a solution
+        # (Qv → 0 as v grows) the plain residual Qv − v^(−power) would vanish too.
+        return float((v.pow(power) * (Q @ v) - 1).abs().max())
+
+    # Start from the best multiple of x0: argmin over s > 0 of f(s·x0), in closed form.
+    curvature = float(x0 @ Q @ x0)
+    x = (
+        x0 * (float(x0.pow(1.0 - power).sum()) / curvature) ** (1.0 / (1.0 + power))
+        if curvature > 0
+        else x0.clone()
+    )
+    for it in range(max_iter + 1):
+        residual = Q @ x - x.pow(-power)
+        norm = violation(x)
+        if norm <= tol:
+            # One more full Newton step (quadratic convergence): results then agree far below tol.
+            d = newton_direction(x, residual)
+            if d is not None and bool((x + d > 0).all()):
+                polished = x + d
+                if violation(polished) < norm:
+                    x = polished
+            return x, True
+        if it == max_iter or float(x.max()) > 1e15:
             break
-        if not bool(torch.isfinite(d).all()):
+        d = newton_direction(x, residual)
+        if d is None:
             break
         shrinking = d < 0
         t = 1.0

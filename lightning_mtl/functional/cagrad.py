@@ -7,7 +7,14 @@ import math
 import torch
 from torch import Tensor
 
-from ._gramian import as_output, check_jacobian, normalize_by_trace, prepare_gramian, solve_bounded_qp
+from ._gramian import (
+    as_output,
+    check_jacobian,
+    normalize_by_trace,
+    prepare_gramian,
+    psd_part,
+    solve_bounded_qp,
+)
 
 _METHOD = "CAGrad"
 _RIDGE = 1e-10  # relative to tr G: makes the inner QP strictly convex
@@ -48,6 +55,7 @@ def cagrad_weights(G: Tensor, *, c: float = 0.4, rescale: int = 1) -> Tensor:
     T = G64.shape[0]
     u = torch.full((T,), 1.0 / T, dtype=G64.dtype)
     G_hat, _ = normalize_by_trace(G64)
+    G_hat = psd_part(G_hat)
     Q = G_hat + _RIDGE * torch.eye(T, dtype=G64.dtype)
     target = c * c * float(u @ Q @ u)  # φ² in normalised units
     weights = u.clone()
@@ -76,7 +84,7 @@ def _ball_offset(Q: Tensor, u: Tensor, target: float) -> Tensor:
     for _ in range(100):
         y, free = solve(nu, free)
         psi = float(y @ Q @ y)
-        if abs(psi - target) <= 1e-12 * target:
+        if abs(psi - target) <= 1e-10 * target:
             break
         if psi < target:
             lo = nu
@@ -96,7 +104,7 @@ def _ball_offset(Q: Tensor, u: Tensor, target: float) -> Tensor:
         candidate = nu + step
         if not (math.isfinite(candidate) and lo < candidate < hi):
             candidate = 0.5 * (lo + hi) if math.isfinite(hi) else lo + 2.0 * max(nu - lo, math.sqrt(target))
-        if candidate == nu or (math.isfinite(hi) and hi - lo <= 1e-15 * (abs(lo) + abs(hi))):
+        if abs(candidate - nu) <= 1e-13 * (abs(nu) + math.sqrt(target)):
             break
         nu = candidate
     return y

@@ -15,6 +15,7 @@ from ._gramian import (
     check_positive_int,
     normalize_by_trace,
     prepare_gramian,
+    psd_part,
     solve_power_barrier,
 )
 
@@ -45,7 +46,7 @@ def fairgrad_weights(G: Tensor, *, alpha: float = 1.0, max_iter: int = 100, tol:
         G: ``[T, T]`` Gramian.
         alpha: fairness parameter ``α ≥ 0`` (default 1.0).
         max_iter: Newton steps at most (default 100).
-        tol: tolerance on the residual of the normalised equation (default 1e-8).
+        tol: tolerance on ``maxᵢ |wᵢ^(1/α)·(Gw)ᵢ − 1|`` (default 1e-8).
 
     Returns:
         ``[T]`` weights, same dtype and device as ``G``.
@@ -67,6 +68,7 @@ def fairgrad_weights(G: Tensor, *, alpha: float = 1.0, max_iter: int = 100, tol:
         )
         return as_output(torch.ones(T, dtype=G64.dtype), G)
     power = 1.0 / alpha
+    G_hat = psd_part(G_hat)
     w_hat, converged = solve_power_barrier(
         G_hat, torch.ones(T, dtype=G64.dtype), power, max_iter=max_iter, tol=tol
     )

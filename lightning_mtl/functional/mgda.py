@@ -7,7 +7,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._gramian import as_output, check_jacobian, normalize_by_trace, prepare_gramian, solve_bounded_qp
+from ._gramian import (
+    as_output,
+    check_jacobian,
+    normalize_by_trace,
+    prepare_gramian,
+    psd_part,
+    solve_bounded_qp,
+)
 
 _METHOD = "MGDA"
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -32,8 +39,9 @@ def mgda_weights(
     Solved exactly instead of by the authors' Frank–Wolfe / projected-gradient iterations (≤ 250 steps,
     and their two-task rule clips γ to [0.001, 0.999]): ``x = argmin_{x ≥ 0} ½xᵀĜx − Σx`` satisfies
     ``(Ĝx)ᵢ ≥ 1`` with equality where ``xᵢ > 0``, so ``w = x / Σx`` meets the simplex optimality conditions
-    ``(Gw)ᵢ ≥ wᵀGw`` (equality on the support). ``Ĝ = G/tr G + 1e-10·I`` keeps the problem strictly
-    convex, which also picks the most even ``w`` among equivalent ones (duplicated or zero-sum gradients).
+    ``(Gw)ᵢ ≥ wᵀGw`` (equality on the support). ``Ĝ = G/tr G + 1e-10·I`` (after removing the negative
+    eigenvalues that rounding gives a float32 Gramian) keeps the problem strictly convex, which also picks
+    the most even ``w`` among equivalent ones (duplicated or zero-sum gradients).
 
     Args:
         G: ``[T, T]`` Gramian.
@@ -67,6 +75,7 @@ def mgda_weights(
         scale = scale * L
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     G_hat, _ = normalize_by_trace(G64 / scale[:, None] / scale[None, :])
+    G_hat = psd_part(G_hat)
     Q = G_hat + _RIDGE * torch.eye(T, dtype=G64.dtype)
     x, _ = solve_bounded_qp(Q, -torch.ones(1, T, dtype=G64.dtype), torch.zeros(1, T, dtype=G64.dtype))
     return as_output(x[0] / x[0].sum(), G)

@@ -14,6 +14,7 @@ from ._gramian import (
     check_positive_float,
     check_positive_int,
     prepare_gramian,
+    psd_part,
     solve_power_barrier,
 )
 
@@ -26,7 +27,7 @@ class NashMTLWeights(NamedTuple):
     weights: Tensor
     """``[T]`` bargaining weights ``α`` (pass them back as ``previous`` at the next step)."""
     converged: bool
-    """Whether ``‖Ĝα̂ − 1/α̂‖ ≤ tol`` was reached within ``max_iter`` Newton steps."""
+    """Whether ``maxᵢ |αᵢ(Gα)ᵢ − 1| ≤ tol`` was reached within ``max_iter`` Newton steps."""
 
 
 class NashMTLResult(NamedTuple):
@@ -58,7 +59,9 @@ def nash_mtl_weights(
     ``α = α̂/√‖G‖_F`` where ``Ĝα̂ = 1/α̂`` (checked against their code through TorchJD's port). Here ``α̂``
     minimises the strictly convex ``½α̂ᵀĜα̂ − Σ log α̂ᵢ`` by damped Newton steps with a positivity-preserving
     backtracking line search, warm-started from ``previous`` (the authors warm-start their ≤ 20 convex
-    sub-problems the same way), without cvxpy. Stops when ``‖Ĝα̂ − 1/α̂‖ ≤ tol`` (the authors' threshold).
+    sub-problems the same way) rescaled by the best scalar, without cvxpy. Stops when
+    ``maxᵢ |αᵢ(Gα)ᵢ − 1| ≤ tol``: scale-free, unlike the authors' ``‖Ĝα − 1/α‖ < 1e-3``, which also holds
+    for large ``α`` along a direction where no solution exists; one more Newton step then polishes ``α``.
 
     No solution exists when a task's gradient is zero or a non-negative combination of the gradients
     vanishes (e.g. two opposite gradients): the iterates then grow along that direction and
@@ -73,7 +76,7 @@ def nash_mtl_weights(
         G: ``[T, T]`` Gramian.
         previous: ``[T]`` positive weights of the previous step (warm start); default ones.
         max_iter: Newton steps at most (default 20, the authors' ``optim_niter``).
-        tol: tolerance on ``‖Ĝα̂ − 1/α̂‖`` (default 1e-3).
+        tol: tolerance on ``maxᵢ |αᵢ(Gα)ᵢ − 1|`` (default 1e-3, the authors' threshold).
 
     Returns:
         ``NashMTLWeights(weights, converged)``; weights have the dtype and device of ``G``.
@@ -94,7 +97,9 @@ def nash_mtl_weights(
     if not frobenius > 0.0:
         return NashMTLWeights(as_output(start, G), False)
     root = math.sqrt(frobenius)
-    alpha_hat, converged = solve_power_barrier(G64 / frobenius, start * root, 1.0, max_iter=max_iter, tol=tol)
+    G_hat = psd_part(G64 / frobenius)
+    start = start * root if previous is not None else start  # ones are a start in normalised units
+    alpha_hat, converged = solve_power_barrier(G_hat, start, 1.0, max_iter=max_iter, tol=tol)
     return NashMTLWeights(as_output(alpha_hat / root, G), converged)
 
 

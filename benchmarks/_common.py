@@ -52,12 +52,15 @@ def build_encoder(kind: str, in_dim: int = 32, hidden: int = 64) -> tuple[nn.Mod
 class BenchMTL(MultiTaskModule):
     """Shared encoder + T linear heads, MSE per task, through ``MultiTaskModule``."""
 
-    def __init__(self, num_tasks: int = 10, kind: str = "mlp", lr: float = 1e-3) -> None:
+    def __init__(
+        self, num_tasks: int = 10, kind: str = "mlp", lr: float = 1e-3, mark_representation: bool = False
+    ) -> None:
         super().__init__(tasks=task_names(num_tasks))
         torch.manual_seed(0)
         self.encoder, hidden = build_encoder(kind)
         self.heads = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(num_tasks)])
         self.lr = lr
+        self.mark_representation = mark_representation
 
     def shared_parameters(self):
         return self.encoder.parameters()
@@ -65,6 +68,8 @@ class BenchMTL(MultiTaskModule):
     def task_losses(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         x, y = batch
         z = self.encoder(x)
+        if self.mark_representation:
+            z = self.shared_representation(z)
         return {
             name: nn.functional.mse_loss(head(z).squeeze(1), y[:, i])
             for i, (name, head) in enumerate(zip(self.task_names, self.heads))

@@ -118,7 +118,7 @@ class GradNorm(MTLStrategy):
         self._grad_sum: Tensor | None = None
         self._loss_sum: Tensor | None = None
         self._window_count = 0
-        self._metrics: dict[str, Tensor] = {}
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (w, nᵢ, rᵢ) of the last window
         self._layer_checked = False  # the first window checks that every task reaches the layer
 
     # ------------------------------------------------------------------ binding
@@ -245,14 +245,7 @@ class GradNorm(MTLStrategy):
             self._learnable.accumulate(gradnorm_weight_grad(w, norms, rates, self.alpha))
         else:  # overflow of the scaled fp16 gradients: the scaler skips this step too
             self._learnable.param.grad = None
-        self._metrics = {
-            "train/gradnorm/loss_grad": gradnorm_objective(w, norms, rates, self.alpha).detach(),
-            **{
-                f"train/gradnorm/grad_norm/{t}": (w[i] * norms[i]).detach()
-                for i, t in enumerate(self.task_names)
-            },
-            **{f"train/gradnorm/inverse_rate/{t}": rates[i].detach() for i, t in enumerate(self.task_names)},
-        }
+        self._last = (w.clone(), norms.detach(), rates.detach())  # logged lazily (extra_metrics)
 
     def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
         assert self._learnable is not None
@@ -280,7 +273,18 @@ class GradNorm(MTLStrategy):
         return None if self._learnable is None else self._learnable.param.detach()
 
     def extra_metrics(self) -> dict[str, Tensor]:
-        return dict(self._metrics)
+        """``train/gradnorm/grad_norm/<task>`` (``Gᵢ = wᵢnᵢ``, with the weights the step used),
+        ``train/gradnorm/inverse_rate/<task>`` (``rᵢ``) and ``train/gradnorm/loss_grad`` (``L_grad``)."""
+        if self._last is None:
+            return {}
+        w, norms, rates = self._last
+        G = w * norms
+        metrics = {"train/gradnorm/loss_grad": gradnorm_objective(w, norms, rates, self.alpha)}
+        metrics.update({f"train/gradnorm/grad_norm/{t}": g for t, g in zip(self.task_names, G.unbind())})
+        metrics.update(
+            {f"train/gradnorm/inverse_rate/{t}": r for t, r in zip(self.task_names, rates.unbind())}
+        )
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         if self._learnable is None:

@@ -31,7 +31,9 @@ def make_jacobian(T: int, P: int, structure: str, seed: int, scale: float, dtype
     elif structure == "opposite" and T > 1:
         J[-1] = -J[0]
     elif structure == "rank_one":
-        J = torch.randn(T, 1, generator=g, dtype=torch.float64) @ torch.randn(1, P, generator=g, dtype=torch.float64)
+        J = torch.randn(T, 1, generator=g, dtype=torch.float64) @ torch.randn(
+            1, P, generator=g, dtype=torch.float64
+        )
     elif structure == "parallel":  # same direction, different positive lengths
         J = torch.rand(T, 1, generator=g, dtype=torch.float64).add(0.1) @ J[:1]
     return (J * scale).to(dtype)
@@ -83,7 +85,10 @@ def test_update_is_the_combination_given_by_the_weights(method: Method, J: Tenso
 
 @pytest.mark.parametrize("method", DETERMINISTIC, ids=_ids(DETERMINISTIC))
 @SETTINGS
-@given(J=jacobians(structures=("random", "duplicate", "parallel"), dtypes=(torch.float64,), min_T=2), data=st.data())
+@given(
+    J=jacobians(structures=("random", "duplicate", "parallel"), dtypes=(torch.float64,), min_T=2),
+    data=st.data(),
+)
 def test_permutation_equivariance(method: Method, J: Tensor, data: st.DataObject) -> None:
     perm = torch.tensor(data.draw(st.permutations(range(J.shape[0]))))
     G = J @ J.T
@@ -92,7 +97,7 @@ def test_permutation_equivariance(method: Method, J: Tensor, data: st.DataObject
     size = weights.abs() @ J.norm(dim=1)  # magnitude of the terms of Jᵀw, whatever their cancellation
     assert (permuted_update - update).norm() <= 1e-6 * size
     if method.name not in ("nash_mtl", "fairgrad", "fairgrad_alpha2", "cagrad"):
-        # Loose: where the weights are not unique (0 in the hull), MGDA's ridge picks them with conditioning 1e10.
+        # Loose: where the weights are not unique (0 in the hull), MGDA picks them with conditioning 1e10.
         torch.testing.assert_close(permuted, weights[perm], rtol=1e-5, atol=1e-5 * weights.abs().max().item())
 
 
@@ -106,7 +111,9 @@ def test_positive_homogeneity(method: Method, J: Tensor, factor: float) -> None:
     """``update(cJ) = c^k update(J)``: k = 1 for most methods, 0 for Nash-MTL, (1−α)/(1+α) for FairGrad."""
     expected = factor**method.degree * method.update(J)
     weights = method.weights(J @ J.T) if method.weights is not None else torch.ones(J.shape[0], dtype=J.dtype)
-    size = factor**method.degree * (weights.abs() @ J.norm(dim=1))  # the terms' size, whatever their cancellation
+    size = factor**method.degree * (
+        weights.abs() @ J.norm(dim=1)
+    )  # the terms' size, whatever their cancellation
     assert (method.update(factor * J) - expected).norm() <= 1e-6 * size
 
 

@@ -1,0 +1,79 @@
+"""Shared helpers: input validation and the exact bounded QP solver."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_mtl.functional._gramian import psd_part, solve_bounded_qp
+from lightning_mtl.functional.gradient_methods import gramian, mgda, mgda_weights, pcgrad
+
+
+def _brute_force(Q: torch.Tensor, q: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Enumerate the free sets; keep the KKT point (unique for Q positive definite)."""
+    T = Q.shape[0]
+    for mask in itertools.product([False, True], repeat=T):
+        free = torch.tensor(mask)
+        x = lower.clone()
+        if free.any():
+            F = free.nonzero().squeeze(1)
+            A = (~free).nonzero().squeeze(1)
+            rhs = -q[F] - Q[F][:, A] @ lower[A]
+            x[F] = torch.linalg.solve(Q[F][:, F], rhs)
+        gradient = Q @ x + q
+        if (x[free] >= lower[free] - 1e-10).all() and (gradient[~free] >= -1e-10).all():
+            return x
+    raise AssertionError("no KKT point")
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 6), B=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_bounded_qp_matches_brute_force(T: int, B: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(T, T + 1, generator=g, dtype=torch.float64)
+    Q = M @ M.T / T + 1e-3 * torch.eye(T, dtype=torch.float64)
+    q = torch.randn(B, T, generator=g, dtype=torch.float64)
+    lower = torch.randn(B, T, generator=g, dtype=torch.float64).clamp_min(0) * torch.rand(B, 1, generator=g)
+    x, _ = solve_bounded_qp(Q, q, lower)
+    for b in range(B):
+        torch.testing.assert_close(x[b], _brute_force(Q, q[b], lower[b]), rtol=1e-7, atol=1e-9)
+
+
+def test_psd_part_removes_only_negative_eigenvalues() -> None:
+    G = torch.tensor([[1.0, 0.0], [0.0, -1e-9]], dtype=torch.float64)
+    torch.testing.assert_close(psd_part(G), torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    G = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    assert psd_part(G) is G
+
+
+def test_shapes_and_types_are_checked() -> None:
+    with pytest.raises(
+        ValueError, match=r"J must be a \[T, P\] tensor with T >= 1 for MGDA, got shape \(3,\)"
+    ):
+        mgda(torch.ones(3))
+    with pytest.raises(ValueError, match=r"J must be a \[T, P\] tensor"):
+        gramian(torch.ones(0, 3))
+    with pytest.raises(ValueError, match="J must be floating point for PCGrad"):
+        pcgrad(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"G must be a square \[T, T\] Gramian with T >= 1 for MGDA"):
+        mgda_weights(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="G must be finite for MGDA"):
+        mgda_weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
+
+
+def test_weights_keep_the_gramian_dtype_and_device() -> None:
+    G = torch.eye(3, dtype=torch.float32)
+    w = mgda_weights(G)
+    assert w.dtype == torch.float32 and w.device == G.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_inputs_and_cpu_generators() -> None:
+    J = torch.randn(4, 10, device="cuda")
+    update = pcgrad(J, generator=torch.Generator().manual_seed(0))
+    assert update.device == J.device
+    torch.testing.assert_close(update.cpu(), pcgrad(J.cpu(), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        pcgrad(J, generator=torch.Generator(device="cuda"))

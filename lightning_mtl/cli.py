@@ -46,17 +46,15 @@ def available_strategies() -> dict[str, type]:
     from lightning_mtl import strategies
     from lightning_mtl.strategies.base import MTLStrategy
 
-    abstract = {"MTLStrategy", "LossWeighting"}
     found = {}
     for name in getattr(strategies, "__all__", dir(strategies)):
         obj = getattr(strategies, name, None)
-        if (
-            inspect.isclass(obj)
-            and issubclass(obj, MTLStrategy)
-            and name not in abstract
-            and not name.startswith("_")
-        ):
-            found[name] = obj
+        if not (inspect.isclass(obj) and issubclass(obj, MTLStrategy)) or obj is MTLStrategy:
+            continue
+        module = obj.__module__.rsplit(".", 1)[-1]
+        if module.startswith("_") or module == "base":  # shared bases (LossWeighting, ...), not methods
+            continue
+        found[name] = obj
     return found
 
 

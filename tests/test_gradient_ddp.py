@@ -22,7 +22,10 @@ CASES = {
     "mgda": (lambda: MGDA(), lambda: TinyNet()),
     "mgda-ub": (lambda: MGDA(mode="representation"), lambda: RepTinyNet(accumulate_grad_batches=2)),
     "cagrad": (lambda: CAGrad(c=0.4), lambda: TinyNet()),
-    "nash": (lambda: NashMTL(update_every=2), lambda: TinyNet()),
+    "nash": (
+        lambda: NashMTL(update_every=2, tol=1e-8),
+        lambda: TinyNet(),
+    ),  # tight tol: no stopping-rule noise
     "upgrad": (lambda: UPGrad(), lambda: TinyNet()),
 }
 

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_mtl.functional.aligned_mtl import AlignedMTLScale, aligned_mtl_weights
+from lightning_mtl.functional.aligned_mtl import AlignedMTLScale
+from lightning_mtl.functional.gradient_methods import aligned_mtl_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 from lightning_mtl.strategies._preference import Preference, check_preference, preference_tensor
 from lightning_mtl.task import Task

@@ -6,7 +6,7 @@ import math
 
 from torch import Tensor
 
-from lightning_mtl.functional.fairgrad import fairgrad_weights
+from lightning_mtl.functional.gradient_methods import fairgrad_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 
 

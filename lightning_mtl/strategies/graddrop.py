@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_mtl.functional.graddrop import graddrop
+from lightning_mtl.functional.gradient_methods import graddrop
 from lightning_mtl.gradients import JacobianEngine, grad_scale, marked_representation
 from lightning_mtl.strategies._gradient_based import JacobianMethod
 from lightning_mtl.strategies.base import MTLStrategy, StepContext, global_seed

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_mtl.functional.gradvac import gradvac_weights
+from lightning_mtl.functional.gradient_methods import gradvac_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 
 

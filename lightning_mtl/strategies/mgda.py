@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_mtl.functional.mgda import MGDANormalization, mgda_weights
+from lightning_mtl.functional.gradient_methods import mgda_weights
+from lightning_mtl.functional.mgda import MGDANormalization
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")

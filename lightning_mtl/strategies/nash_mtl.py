@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_mtl.functional.nash_mtl import nash_mtl_weights
+from lightning_mtl.functional.gradient_methods import nash_mtl_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_mtl.functional.pcgrad import pcgrad_weights
+from lightning_mtl.functional.gradient_methods import pcgrad_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 
 

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_mtl.functional.dualproj import dualproj_weights
-from lightning_mtl.functional.upgrad import upgrad_weights
+from lightning_mtl.functional.gradient_methods import dualproj_weights, upgrad_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 from lightning_mtl.strategies._preference import Preference, check_preference, preference_tensor
 from lightning_mtl.task import Task

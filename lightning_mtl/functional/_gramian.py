@@ -310,7 +310,12 @@ def solve_power_barrier(
         if bool(shrinking.any()):
             t = min(1.0, 0.99 * float((-x[shrinking] / d[shrinking]).min()))
         f0, slope = objective(x), float(residual @ d)
-        while t > 1e-12 and objective(x + t * d) > f0 + 1e-4 * t * slope:
+        rounding = 1e-12 * (1.0 + abs(f0))  # near the solution the decrease is below f's rounding
+        while t > 1e-12:
+            trial = x + t * d
+            f1 = objective(trial)
+            if f1 <= f0 + 1e-4 * t * slope or (f1 <= f0 + rounding and violation(trial) < norm):
+                break
             t *= 0.5
         x = x + t * d
     return x, False

@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py --out demo_out
+	$(BIN)/lightning-mtl compare --out demo_out
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check lightning_mtl tests examples benchmarks

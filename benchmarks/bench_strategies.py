@@ -5,8 +5,8 @@ Two parts, both on the same networks (an MLP or a small CNN encoder + T linear h
 1. **Lightning path**: ``MultiTaskModule`` + each strategy callback, the full ``Trainer.fit`` loop (CSVLogger,
    same flags). Time per step: median of ``on_train_batch_start → on_train_batch_end`` after a warm-up, median
    over repeats. Peak memory of two training steps: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
-   peak of the PyTorch memory profiler's timeline (``torch.profiler`` with ``profile_memory=True``), i.e.
-   bytes held by tensors at the worst moment of the step, relative to the start of the step.
+   peak of the running sum of tensor allocations minus frees recorded by ``torch.profiler`` with
+   ``profile_memory=True``, i.e. bytes newly held by tensors at the worst moment, relative to the start.
 2. **Plain torch loop, ours vs TorchJD**: one training step written by hand for both libraries on the same
    model and batch. Ours: the ``T × P`` Jacobian of the shared parameters by one batched backward
    (:func:`lightning_mtl.gradients.jacobian`), the method's weights from the Gramian
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import statistics
@@ -79,16 +78,13 @@ def load_strategy(name: str) -> Callable[[], Any] | None:
 
 # ---------------------------------------------------------------------------------------------- memory
 def _cpu_peak_bytes(prof: Any) -> float:
-    """Peak bytes held by tensors during a CPU profile, from the public memory-timeline export."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "timeline.json")
-        prof.export_memory_timeline(path, device="cpu")
-        with open(path) as fh:
-            times, sizes = json.load(fh)
-    if not sizes:
-        return float("nan")
-    totals = [sum(row) for row in sizes]
-    return float(max(totals) - totals[0])
+    """Peak bytes held by tensors during a CPU profile (``profile_memory=True``): the running sum, in
+    chronological order, of every event's own allocations minus frees."""
+    total = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        total += event.self_cpu_memory_usage
+        peak = max(peak, total)
+    return float(peak)
 
 
 class MemoryProbe(Callback):
@@ -110,9 +106,7 @@ class MemoryProbe(Callback):
         else:
             from torch.profiler import ProfilerActivity, profile
 
-            self._prof = profile(
-                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-            )
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._prof.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
@@ -125,8 +119,8 @@ class MemoryProbe(Callback):
             self._prof.__exit__(None, None, None)
             try:
                 self.peak_bytes = _cpu_peak_bytes(self._prof)
-            except Exception as err:  # the memory timeline is an experimental torch API
-                warnings.warn(f"memory timeline failed: {err}", stacklevel=2)
+            except Exception as err:
+                warnings.warn(f"memory measurement failed: {err}", stacklevel=2)
             self._prof = None
 
 
@@ -140,9 +134,7 @@ def measure_fn_memory(step: Callable[[], None], device: str) -> float:
         return float(torch.cuda.max_memory_allocated() - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     try:
         return _cpu_peak_bytes(prof)

@@ -69,8 +69,8 @@ def psd_part(G64: Tensor) -> Tensor:
     """Nearest positive semi-definite matrix: negative eigenvalues set to zero.
 
     A Gramian computed in float32 is indefinite at the level of its rounding (eigenvalues down to about
-    ``−1e-7·tr G``), enough to make the small convex problems of MGDA, CAGrad, Nash-MTL and FairGrad
-    non-convex; this removes that noise and nothing else.
+    ``−1e-7·tr G``), enough to make the small convex problems of MGDA, CAGrad, Nash-MTL, FairGrad (and,
+    in half precision, UPGrad) non-convex; this removes that noise and nothing else.
     """
     eigenvalues, V = torch.linalg.eigh(G64)
     if bool((eigenvalues >= 0).all()):
@@ -85,9 +85,8 @@ def as_output(weights64: Tensor, like: Tensor) -> Tensor:
 
 
 def input_eps(G: Tensor) -> float:
-    """Machine epsilon of the caller's dtype (float32 at least): the noise level of its Gramian."""
-    dtype = G.dtype if G.dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.finfo(dtype).eps
+    """Machine epsilon of the caller's dtype: the relative noise level of its Gramian."""
+    return torch.finfo(G.dtype).eps
 
 
 def check_generator(generator: torch.Generator | None, method: str) -> None:
@@ -220,23 +219,28 @@ def _solve_on_free_set(Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: T
     return torch.linalg.solve(K, rhs)
 
 
-def _guess_free_set(
-    Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tensor, rounds: int = 8
-) -> Tensor:
-    """A few primal-dual active-set rounds (Hintermüller, Ito, Kunisch 2002) to guess the optimal free set.
+def _guess_free_set(Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tensor) -> Tensor:
+    """Primal-dual active-set rounds (Hintermüller, Ito, Kunisch 2002) to guess the optimal free sets.
 
-    Usually exact after 2–5 batched solves; the primal active-set method that follows checks the guess
-    and finishes the job whatever its quality, so a wrong guess only costs iterations.
+    Each round re-solves the rows whose guess changed; most rows settle after 2–5 rounds. The method can
+    cycle when ``Q`` is not an M-matrix, so the rounds are capped: the primal active-set method that
+    follows checks every guess and finishes the job, so a wrong guess only costs iterations.
     """
-    for _ in range(rounds):
-        y = _solve_on_free_set(Q, q, lower, free, eye)
+    free = free.clone()
+    rows = torch.arange(free.shape[0])
+    for _ in range(4 + free.shape[1] // 2):
+        y = _solve_on_free_set(Q, q[rows], lower[rows], free[rows], eye)
         if not bool(torch.isfinite(y).all()):
-            return torch.zeros_like(free)
-        multipliers = torch.where(free, torch.zeros_like(y), y @ Q + q)
-        new_free = multipliers < y - lower  # active where the multiplier outweighs the slack
-        if bool((new_free == free).all()):
+            free[rows] = False
             break
-        free = new_free
+        current = free[rows]
+        multipliers = torch.where(current, torch.zeros_like(y), y @ Q + q[rows])
+        new_free = multipliers < y - lower[rows]  # active where the multiplier outweighs the slack
+        changed = (new_free != current).any(dim=1)
+        free[rows] = new_free
+        rows = rows[changed]
+        if rows.numel() == 0:
+            break
     return free
 
 

@@ -59,8 +59,8 @@ def graddrop(
         raise ValueError(
             f"leak must be a float or a [{T}] tensor with values in [0, 1] for {_METHOD}, got {leak!r}."
         )
-    if not bool(torch.isfinite(grads).all()):
-        raise ValueError(f"grads must be finite for {_METHOD}.")
+    if not bool(torch.isfinite(grads).all()) or not bool(torch.isfinite(activations).all()):
+        raise ValueError(f"grads and activations must be finite for {_METHOD}.")
     signed = (torch.sign(activations).to(grads.dtype) * grads).sum(dim=1)  # S: [T, *F]
     total, magnitude = signed.sum(dim=0), signed.abs().sum(dim=0)
     ratio = torch.where(magnitude > 0, total / torch.where(magnitude > 0, magnitude, 1.0), 0.0)

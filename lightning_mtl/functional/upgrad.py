@@ -14,6 +14,7 @@ from ._gramian import (
     normalize_by_trace,
     preference_vector,
     prepare_gramian,
+    psd_part,
     solve_bounded_qp,
 )
 
@@ -26,13 +27,14 @@ def dual_cone_projection_weights(G64: Tensor, lower: Tensor, *, reg_eps: float, 
     Quinton & Rey (2024), *Jacobian Descent for Multi-Objective Optimization*, Proposition 1: the projection
     of ``Jᵀu`` is ``Jᵀw`` with ``w = argmin_{v ≥ u} vᵀGv``. Solved per row ``uₖ`` of ``lower`` (``[B, T]``)
     by an exact active-set method on ``Ĝ = G/tr G + reg_eps·I`` (TorchJD's conventions: trace normalisation,
-    ``reg_eps = 1e-4``, which makes the QP strictly convex and tolerates rounding). ``G64`` is a prepared
+    ``reg_eps = 1e-4``, which makes the QP strictly convex and tolerates rounding; negative eigenvalues
+    from rounding, below ``1e-7·tr G`` in float32, are removed first). ``G64`` is a prepared
     float64 Gramian (``prepare_gramian``); returns float64 ``[B, T]``.
     """
     check_positive_float(reg_eps, "reg_eps", method)
     T = G64.shape[0]
     G_hat, _ = normalize_by_trace(G64)
-    Q = G_hat + reg_eps * torch.eye(T, dtype=G64.dtype)
+    Q = psd_part(G_hat) + reg_eps * torch.eye(T, dtype=G64.dtype)
     x, _ = solve_bounded_qp(Q, torch.zeros_like(lower), lower)
     return x
 

@@ -36,7 +36,8 @@ def cagrad_weights(G: Tensor, *, c: float = 0.4, rescale: int = 1) -> Tensor:
     those of ``min_{y ≥ 0} ½yᵀGy + (Gu − ν1)ᵀy`` (``u = 1/T``) plus ``yᵀGy = φ²``, and ``yᵀGy`` increases
     with the multiplier ``ν``. So ``ν`` is found by a safeguarded Newton search (exact on each piece where
     the active set is fixed) over exact bound-constrained QP solves, and the weights are ``u + y``.
-    When ``‖g₀‖ = 0`` the update is ``g₀`` (zero), as in the authors' code.
+    When ``‖g₀‖ ≤ 1e-7·‖J‖_F`` (e.g. two opposite gradients) the update is ``g₀/(1 + c²)``, as in the
+    authors' code for ``‖g₀‖ = 0``.
 
     Args:
         G: ``[T, T]`` Gramian.
@@ -57,10 +58,10 @@ def cagrad_weights(G: Tensor, *, c: float = 0.4, rescale: int = 1) -> Tensor:
     G_hat, _ = normalize_by_trace(G64)
     G_hat = psd_part(G_hat)
     Q = G_hat + _RIDGE * torch.eye(T, dtype=G64.dtype)
-    target = c * c * float(u @ Q @ u)  # φ² in normalised units
     weights = u.clone()
-    if target > 1e-30 and float(G_hat.diagonal().sum()) > 0:
-        weights = u + _ball_offset(Q, u, target)
+    # ‖g₀‖² relative to ‖J‖²_F: below 1e-14 the ball (radius c‖g₀‖) is negligible and d = g₀
+    if float(u @ G_hat @ u) > 1e-14 and c > 0:
+        weights = u + _ball_offset(Q, u, c * c * float(u @ Q @ u))
     factor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
     return as_output(weights / factor, G)
 
@@ -78,7 +79,7 @@ def _ball_offset(Q: Tensor, u: Tensor, target: float) -> Tensor:
 
     lo = float(Qu.min())  # y = 0 for every ν ≤ lo
     hi = math.inf
-    nu = lo + math.sqrt(target)  # a first guess: one free task with Q_ii ≤ 1 already reaches the target
+    nu = lo + math.sqrt(target)  # a first guess of the right scale (diag Q ≤ 1 after normalisation)
     free: Tensor | None = None
     y = torch.zeros(T, dtype=Q.dtype)
     for _ in range(100):

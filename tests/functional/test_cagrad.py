@@ -34,6 +34,7 @@ def test_c_zero_is_the_mean_gradient() -> None:
 def test_zero_mean_gradient_gives_zero() -> None:
     J = torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=torch.float64)
     torch.testing.assert_close(cagrad(J), torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(cagrad_weights(J @ J.T), torch.full((2,), 0.5 / 1.16, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("c", [-0.1, 1.0, 1.5])

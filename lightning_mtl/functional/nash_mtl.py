@@ -74,7 +74,8 @@ def nash_mtl_weights(
 
     Args:
         G: ``[T, T]`` Gramian.
-        previous: ``[T]`` positive weights of the previous step (warm start); default ones.
+        previous: ``[T]`` positive weights returned at the previous step (warm start); default: ``α̂ = 1`` in
+            the normalised units, rescaled by the best scalar.
         max_iter: Newton steps at most (default 20, the authors' ``optim_niter``).
         tol: tolerance on ``maxᵢ |αᵢ(Gα)ᵢ − 1|`` (default 1e-3, the authors' threshold).
 

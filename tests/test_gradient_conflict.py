@@ -141,3 +141,13 @@ def test_state_round_trips():
     torch.testing.assert_close(fresh.mean_cosine, monitor.mean_cosine)
     assert fresh.mean_conflict_fraction == monitor.mean_conflict_fraction
     assert isinstance(monitor, pl.Callback)
+
+
+def test_heatmap_image_fallback_colours():
+    from lightning_mtl.callbacks._report import heatmap_image
+
+    img = heatmap_image(torch.tensor([[1.0, -1.0], [0.0, 0.5]]), -1.0, 1.0, cell=2)
+    assert img.shape == (3, 4, 4)
+    torch.testing.assert_close(img[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))  # vmax: blue
+    torch.testing.assert_close(img[:, 0, 2], torch.tensor([1.0, 0.0, 0.0]))  # vmin: red
+    torch.testing.assert_close(img[:, 2, 0], torch.tensor([1.0, 1.0, 1.0]))  # middle: white

@@ -125,9 +125,9 @@ def check_positive_float(value: float, name: str, method: str) -> None:
 def cap_update_norm(weights: Tensor, G: Tensor, max_norm: float) -> Tensor:
     """Rescale ``weights`` so that the update ``Jᵀw`` has norm at most ``max_norm``.
 
-    ``‖Jᵀw‖ = √(wᵀGw)``, so this is the ``clip_grad_norm_(shared_parameters, max_norm)`` step of the Nash-MTL,
-    FairGrad and CAGrad authors' code, done on the Gramian. Note that the authors clip the *shared*
-    gradient only; scaling the weights also scales the task-specific heads' gradients.
+    ``‖Jᵀw‖ = √(wᵀGw)``, so this is the ``clip_grad_norm_(shared_parameters, max_norm)`` step of the Nash-MTL
+    and FairGrad authors' code (the CAGrad authors do not clip), done on the Gramian. Note that the authors
+    clip the *shared* gradient only; scaling the weights also scales the task-specific heads' gradients.
     """
     check_positive_float(max_norm, "max_norm", "cap_update_norm")
     G64 = prepare_gramian(G, "cap_update_norm")

@@ -16,12 +16,21 @@ Every step of a :class:`GradientWeighting` strategy goes through the same phases
    resulting updates (one ``P``-sized all-reduce, as for plain training): an approximation of the
    single-process update; the logged weights and the method's state are then averaged over ranks.
 4. **Weights** ``w`` from the method (:meth:`GradientWeighting.compute_weights`, pure math from
-   :mod:`lightning_mtl.functional`), then **one backward** of ``Σ wᵢLᵢ`` through Lightning: DDP averages it,
-   the AMP scaler scales it, task-specific heads get their gradients in the same pass. Under DDP this equals
-   ``J_globalᵀ w`` on every rank: 2 ranks × batch B give the update of 1 process × batch 2B.
+   :mod:`lightning_mtl.functional`), then **one backward** through Lightning (DDP averages it, the AMP
+   scaler scales it, task-specific heads get their gradients in the same pass) whose shared-parameter
+   gradient is ``J_globalᵀ w`` on every rank: 2 ranks × batch B give the update of 1 process × batch 2B.
+   What the task-specific parameters (everything outside ``shared_parameters()``, or downstream of the
+   marked representation) receive depends on :attr:`GradientWeighting.heads`: ``"weighted"`` back-propagates
+   ``Σ wᵢLᵢ`` (heads get ``wᵢ∇Lᵢ``: MGDA, Nash-MTL, as their authors' code), ``"plain"`` gives the heads the
+   plain ``∇ΣLᵢ`` and only the shared part the method's combination, as the reference implementations of
+   the gradient-surgery methods do (PCGrad, GradVac, CAGrad, IMTL-G, Aligned-MTL, UPGrad, DualProj,
+   FairGrad): it back-propagates ``ΣLᵢ + ⟨θ_shared, Jᵀ(w − 1)⟩`` (``⟨z, Σᵢ(wᵢ − 1)∇_z Lᵢ⟩`` in
+   representation mode), whose gradient is ``Jᵀw`` on the shared part and ``∇ΣLᵢ`` on the rest.
 
-``update_every=k`` recomputes the weights every ``k`` optimizer steps and reuses them in between (no
-per-task gradients at all on those steps: their cost is the cost of equal weighting).
+``update_every=k`` recomputes the weights every ``k`` optimizer steps and reuses them in between. With
+``heads="weighted"`` those steps take no per-task gradients at all (their cost is the cost of equal
+weighting); with ``heads="plain"`` they still take this rank's per-task gradients (to split the shared and
+the head gradients) but skip the synchronisation and the method's solver.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from lightning_mtl.gradients import (
     marked_representation,
     reduce_mean_,
     shared_parameters_of,
+    unflatten,
 )
 from lightning_mtl.strategies.base import MTLStrategy, StepContext, global_seed
 
@@ -62,7 +72,10 @@ class GradientWeighting(MTLStrategy):
     """Base of the strategies whose update is ``Σ wᵢ∇Lᵢ`` with weights computed from per-task gradients.
 
     Subclasses implement :meth:`compute_weights` (a call into :mod:`lightning_mtl.functional`) and, when
-    they carry state between steps, :meth:`method_state` / :meth:`load_method_state`.
+    they carry state between steps, :meth:`method_state` / :meth:`load_method_state`; they set
+    :attr:`heads` to ``"plain"`` when the task-specific parameters must keep their own gradient ``∇ΣLᵢ``
+    (the method's combination then applies to the shared parameters, or upstream of the marked
+    representation, only) instead of ``wᵢ∇Lᵢ`` (``"weighted"``, the default).
 
     Args:
         mode: ``"parameters"`` (Jacobian w.r.t. ``shared_parameters()``) or ``"representation"`` (gradients
@@ -81,6 +94,9 @@ class GradientWeighting(MTLStrategy):
     needs: Literal["gramian", "jacobian"] = "gramian"
     #: whether the method draws random numbers (from a generator seeded identically on every rank)
     random: bool = False
+    #: gradient of the task-specific parameters: ``"weighted"`` (``wᵢ∇Lᵢ``, from one backward of ``Σ wᵢLᵢ``)
+    #: or ``"plain"`` (``∇ΣLᵢ``: the method's combination applies to the shared part only)
+    heads: Literal["weighted", "plain"] = "weighted"
 
     def __init__(
         self,
@@ -120,6 +136,8 @@ class GradientWeighting(MTLStrategy):
         self._window_losses: list[Tensor] = []
         self._window_global: Tensor | None = None
         self._acc: Tensor | None = None
+        self._window_J: Tensor | None = None
+        self._window_reps: list[tuple[Tensor | None, Tensor]] = []
 
     # ------------------------------------------------------------------ subclass API
     def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
@@ -153,6 +171,8 @@ class GradientWeighting(MTLStrategy):
         self._window_losses = []
         self._window_global = None
         self._acc = None
+        self._window_J = None
+        self._window_reps = []
 
     # ------------------------------------------------------------------ the step
     def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
@@ -161,10 +181,17 @@ class GradientWeighting(MTLStrategy):
             self._computing = self._weights is None or self._since_update >= self.update_every
         if not self._computing and self._weights is not None:
             w = self._weights.to(device=ctx.losses.device, dtype=ctx.losses.dtype)
-            ctx.backward((w * ctx.losses).sum())
+            if self.heads == "weighted":
+                ctx.backward((w * ctx.losses).sum())
+            else:
+                grads = self._task_gradients(ctx)
+                ctx.backward(ctx.losses.sum() + self._shared_correction(ctx, w, grads, self._marked(ctx)))
             self._clip_pending = ctx.is_sync_step
             return
-        stat = self._local_statistic(ctx)
+        grads = self._task_gradients(ctx)
+        stat = grads if self.mode == "parameters" else gramian(grads)
+        if self.heads == "plain" and self.mode == "representation":
+            self._window_reps.append((self._marked(ctx), grads))
         self._acc = stat if self._acc is None else self._acc + stat
         global_losses = ctx.global_losses if self.sync == "exact" else ctx.losses.detach()
         self._window_global = (
@@ -173,21 +200,55 @@ class GradientWeighting(MTLStrategy):
         self._window_losses.append(ctx.losses)
         if not ctx.is_sync_step:
             return
-        weights = self._update(ctx, len(self._window_losses))
-        total = sum((weights.to(L.dtype) * L).sum() for L in self._window_losses)
+        micro_batches = len(self._window_losses)
+        weights = self._update(ctx, micro_batches)
+        if self.heads == "weighted":
+            total = sum((weights.to(L.dtype) * L).sum() for L in self._window_losses)
+        else:
+            total = sum(L.sum() for L in self._window_losses)
+            if self.mode == "parameters":
+                # the window's (rank-averaged) Jacobian; ctx.backward divides by k, hence the factor k
+                assert self._window_J is not None
+                total = total + ctx.accumulate_grad_batches * self._shared_correction(
+                    ctx, weights, self._window_J, None
+                )
+            else:
+                for z, Z in self._window_reps:
+                    total = total + self._shared_correction(ctx, weights, Z, z)
         self._reset_window()
         ctx.backward(total)
         self._clip_pending = True
 
-    def _local_statistic(self, ctx: StepContext) -> Tensor:
-        """This rank's Jacobian ``[T, P]`` (parameters mode) or representation Gramian ``[T, T]``, unscaled."""
+    def _marked(self, ctx: StepContext) -> Tensor | None:
+        if self.mode == "parameters":
+            return None
+        return marked_representation(ctx.module, type(self).__name__)
+
+    def _task_gradients(self, ctx: StepContext) -> Tensor:
+        """This rank's per-task gradients, unscaled: the Jacobian ``[T, P]`` of the shared parameters, or the
+        gradients ``[T, numel(z)]`` w.r.t. the marked representation."""
         name = type(self).__name__
         scale = grad_scale(ctx.trainer)
         if self.mode == "parameters":
             params = shared_parameters_of(ctx.module, name)
             return self._engine(ctx.losses, params, scale).detach()
         z = marked_representation(ctx.module, name)
-        return gramian(self._engine(ctx.losses, [z], scale)).detach()
+        return self._engine(ctx.losses, [z], scale).detach()
+
+    def _shared_correction(
+        self, ctx: StepContext, weights: Tensor, grads: Tensor, z: Tensor | None
+    ) -> Tensor:
+        """Scalar whose gradient is ``Σᵢ(wᵢ − 1)gᵢ`` on the shared parameters (``z is None``, ``grads = J``)
+        or on the representation ``z`` (``grads`` its per-task gradients), and zero elsewhere: added to
+        ``ΣLᵢ`` it gives the shared part ``Σ wᵢgᵢ`` and the heads ``∇ΣLᵢ``."""
+        c = (weights.to(device=grads.device, dtype=grads.dtype) - 1) @ grads
+        if z is not None:
+            return (z.float() * c.view_as(z).float()).sum()
+        params = shared_parameters_of(ctx.module, type(self).__name__)
+        return sum(
+            ((p * g.to(p.dtype)).sum() for p, g in zip(params, unflatten(c, params), strict=True)),
+            ctx.losses.new_zeros(()),
+        )
 
     def _global_statistic(self, ctx: StepContext) -> Tensor:
         """The accumulated statistic of the window (and of every rank, with ``sync="exact"``)."""
@@ -198,6 +259,7 @@ class GradientWeighting(MTLStrategy):
             J = self._acc / k
             if ranks > 1:
                 J = reduce_mean_(ctx.trainer, J)
+            self._window_J = J
             return J if self.needs == "jacobian" else gramian(J)
         # the gradient of the global mean loss w.r.t. one rank's (micro-batch's) representation is 1/(R·k)
         # times the local one, and the blocks of different samples are orthogonal: G = Σ G_local / (R·k)².

@@ -21,8 +21,9 @@ class AlignedMTL(GradientWeighting):
 
     The task gradients are aligned into orthogonal components of equal norm (condition number 1) through
     the eigendecomposition of their Gramian ``G = VΛVᵀ``: ``α = B·w`` with ``B = √σ·VΛ^(−½)Vᵀ``
-    (:func:`~lightning_mtl.functional.aligned_mtl.aligned_mtl_weights`), then ``Σ αᵢLᵢ`` is back-propagated
-    once. ``w = 1`` by default: the **sum** of the aligned gradients, as the official code (TorchJD uses
+    (:func:`~lightning_mtl.functional.aligned_mtl.aligned_mtl_weights`), applied to the shared parameters;
+    the task-specific parameters get the plain gradient of ``Σ Lᵢ``, as in the official code
+    (SamsungLabs/MTL, ``update_decoder_grads=True``, ``scale_decoder_grad=False``). ``w = 1`` by default: the **sum** of the aligned gradients, as the official code (TorchJD uses
     ``1/T``). The paper also offers the representation variant (Aligned-MTL-UB): ``mode="representation"``.
 
     Args:
@@ -32,6 +33,8 @@ class AlignedMTL(GradientWeighting):
         mode: ``"parameters"`` (default) or ``"representation"`` (Aligned-MTL-UB).
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
+
+    heads = "plain"
 
     def __init__(
         self,

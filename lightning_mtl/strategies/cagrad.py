@@ -16,8 +16,11 @@ class CAGrad(GradientWeighting):
     radius ``c‖g₀‖`` around ``g₀``: ``d = g₀ + (c‖g₀‖/‖g_w‖) g_w`` with ``w = argmin_{w∈Δ} g_wᵀg₀ + c‖g₀‖‖g_w‖``,
     divided by ``1 + c²`` (``rescale=1``, the authors' default). The update is a combination ``Σ wᵢgᵢ`` of the
     task gradients whose weights sum to about 1 (it follows the *mean* gradient, not the sum): compare
-    learning rates with :class:`EqualWeighting` (sum) accordingly. Weights come from the Gramian
-    (:func:`~lightning_mtl.functional.cagrad.cagrad_weights`), then ``Σ wᵢLᵢ`` is back-propagated once.
+    learning rates with :class:`EqualWeighting` (sum) accordingly; the authors' code multiplies the shared
+    update by ``T`` "to match the sum loss". Weights come from the Gramian
+    (:func:`~lightning_mtl.functional.cagrad.cagrad_weights`) and apply to the shared parameters only: the
+    task-specific parameters get the plain gradient of ``Σ Lᵢ``, as in the authors' code
+    (Cranial-XIX/CAGrad, ``nyuv2/utils.py``: per-task backward passes accumulate into the heads).
 
     Args:
         c: radius in ``[0, 1)``; 0.4 (paper, NYUv2 and Cityscapes; the toy uses 0.5). ``c = 0`` is gradient
@@ -26,6 +29,8 @@ class CAGrad(GradientWeighting):
         mode: ``"parameters"`` (default) or ``"representation"``.
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
+
+    heads = "plain"
 
     def __init__(
         self,

@@ -18,8 +18,10 @@ class FairGrad(GradientWeighting):
     ``Gw = w^(−1/α)`` (:func:`~lightning_mtl.functional.fairgrad.fairgrad_weights`, damped Newton, no scipy).
     ``α = 1`` is proportional fairness (the Nash-MTL equation), larger ``α`` favours the worst-off task,
     ``α = 0`` is linear scalarisation. The weights are not normalised (the official code also multiplies the
-    update by ``T``; this class does not). Then ``Σ wᵢLᵢ`` is back-propagated once and, as in the official
-    code, the shared gradient's norm is clipped to ``max_norm`` before the optimizer step.
+    update by ``T``; this class does not). ``w`` applies to the shared parameters only: the task-specific
+    parameters get the plain gradient of ``Σ Lᵢ``, as in the official code (per-task backward passes
+    accumulate into them); as there, the shared gradient's norm is clipped to ``max_norm`` before the
+    optimizer step.
 
     Args:
         alpha: fairness parameter ``α ≥ 0`` (default 1.0, the official code's; the paper tunes it per benchmark).
@@ -28,6 +30,8 @@ class FairGrad(GradientWeighting):
         mode: ``"parameters"`` (default) or ``"representation"``.
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
+
+    heads = "plain"
 
     def __init__(
         self,

@@ -20,7 +20,8 @@ class GradVac(GradientWeighting):
     ``φ`` between ``gᵢᴾᶜ`` and ``gⱼ`` is below the target ``φ̂ᵢⱼ``, ``gⱼ`` is added to ``gᵢᴾᶜ`` until their cosine
     is ``φ̂ᵢⱼ``; the targets are EMAs ``φ̂ᵢⱼ ← (1−β)φ̂ᵢⱼ + βφ`` (initialised to 0). The update is the **sum**
     ``Σ gᵢᴾᶜ``. On the whole model this is a combination ``Σ wᵢgᵢ`` computed on the Gramian
-    (:func:`~lightning_mtl.functional.gradvac.gradvac_weights`), followed by one backward of ``Σ wᵢLᵢ``.
+    (:func:`~lightning_mtl.functional.gradvac.gradvac_weights`), applied to the shared parameters; the
+    task-specific parameters get the plain gradient of ``Σ Lᵢ`` (as LibMTL and TorchJD).
     The targets ``[T, T]`` and the generator are saved in checkpoints and identical on every rank.
 
     Args:
@@ -32,6 +33,7 @@ class GradVac(GradientWeighting):
     """
 
     random = True
+    heads = "plain"
 
     def __init__(
         self,

@@ -17,11 +17,15 @@ class IMTLG(GradientWeighting):
     for collinear gradients). No hyper-parameters. The paper computes it on the gradients w.r.t. the shared
     representation: ``mode="representation"`` (mark it with ``z = self.shared_representation(z)``) follows
     the paper and is cheaper; ``mode="parameters"`` (default, no marking needed) uses the shared parameters.
+    ``α`` applies to the shared part only: the task-specific parameters get their own loss's gradient, as
+    in the paper's algorithm (and LibMTL).
 
     Args:
         mode: ``"parameters"`` (default) or ``"representation"`` (the paper).
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
+
+    heads = "plain"
 
     def __init__(
         self,

@@ -17,7 +17,9 @@ class MGDA(GradientWeighting):
 
     The update is the minimum-norm point of the convex hull of the task gradients: ``w = argmin_{w∈Δ}
     ‖Σ wᵢgᵢ‖²`` (weights on the simplex, summing to 1 as in the official code), solved exactly on the
-    Gramian (:func:`~lightning_mtl.functional.mgda.mgda_weights`), then ``Σ wᵢLᵢ`` is back-propagated once.
+    Gramian (:func:`~lightning_mtl.functional.mgda.mgda_weights`), then ``Σ wᵢLᵢ`` is back-propagated once:
+    the task-specific parameters get ``wᵢ∇Lᵢ`` too, as in the official code (intel-isl/MultiObjectiveOptimization
+    back-propagates ``Σ scaleₜ·lossₜ``).
 
     ``mode="representation"`` is **MGDA-UB** (the paper's upper bound, section 3.3): the gradients are taken
     w.r.t. the shared representation marked with ``z = self.shared_representation(z)`` in ``task_losses``,

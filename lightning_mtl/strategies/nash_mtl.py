@@ -22,8 +22,9 @@ class NashMTL(GradientWeighting):
     shared gradients; they are not normalised (``‖Σ αᵢgᵢ‖ = √T``). Solved without cvxpy
     (:func:`~lightning_mtl.functional.nash_mtl.nash_mtl_weights`: damped Newton, warm-started from the
     previous ``α``, at most ``optim_niter`` steps, tolerance 1e-3 as the authors). Then ``Σ αᵢLᵢ`` is
-    back-propagated once and the shared parameters' gradient norm is clipped to ``max_norm`` before the
-    optimizer step (on unscaled, rank-averaged gradients), as in the authors' code.
+    back-propagated once (the task-specific parameters get ``αᵢ∇Lᵢ`` too) and the shared parameters'
+    gradient norm is clipped to ``max_norm`` before the optimizer step (on unscaled, rank-averaged
+    gradients), as in the authors' code (AvivNavon/nash-mtl, ``methods/weight_methods.py``).
 
     When the solver does not converge (no bargaining solution exists, e.g. a zero task gradient, or the step
     budget ran out) the strategy warns and **falls back to the previous** ``α`` (the authors' behaviour;
@@ -36,7 +37,8 @@ class NashMTL(GradientWeighting):
     Args:
         max_norm: clip of the shared gradient's norm, ``None`` to disable (default 1.0, the authors').
         optim_niter: Newton steps per update at most (default 20, the authors' ``optim_niter``).
-        tol: tolerance on ``‖Ĝα̂ − 1/α̂‖`` with ``Ĝ = G/‖G‖_F`` (default 1e-3).
+        tol: tolerance on ``maxᵢ |αᵢ(Gα)ᵢ − 1|`` (scale-free; default 1e-3, the authors' threshold, which
+            they apply to ``‖Ĝα − 1/α‖`` with ``Ĝ = G/‖G‖_F``).
         update_every: see above (default 1).
         mode: ``"parameters"`` (default, the paper) or ``"representation"``.
         sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.

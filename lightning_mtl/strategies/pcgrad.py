@@ -16,9 +16,10 @@ class PCGrad(GradientWeighting):
     conflicts with, taken in a random order; the update is the **sum** of the projected gradients on the
     shared parameters. The paper has no hyper-parameter. The projected sum is a combination ``Σ wᵢ∇Lᵢ`` of
     the original gradients: the strategy computes ``w`` on the Gramian
-    (:func:`~lightning_mtl.functional.pcgrad.pcgrad_weights`) and back-propagates ``Σ wᵢLᵢ`` once, so the
-    task-specific heads receive ``wᵢ∇Lᵢ`` (the paper leaves them untouched, i.e. ``wᵢ = 1``; ``wᵢ`` is 1
-    whenever task ``i`` conflicts with no other task).
+    (:func:`~lightning_mtl.functional.pcgrad.pcgrad_weights`) and applies it to the shared parameters only;
+    the task-specific parameters get the plain gradient of ``Σ Lᵢ`` (``heads = "plain"``), as in LibMTL,
+    TorchJD's ``mtl_backward`` and the Nash-MTL and CAGrad authors' PCGrad ports. One backward pass
+    (see :class:`~lightning_mtl.strategies.GradientWeighting`).
 
     The random orders are drawn from a CPU generator seeded with ``seed`` (default: Lightning's global seed,
     else 0): identical on every rank, independent of the world size, saved in checkpoints.
@@ -31,6 +32,7 @@ class PCGrad(GradientWeighting):
     """
 
     random = True
+    heads = "plain"
 
     def __init__(
         self,

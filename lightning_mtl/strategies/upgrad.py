@@ -13,6 +13,8 @@ from lightning_mtl.task import Task
 
 
 class _DualCone(GradientWeighting):
+    heads = "plain"
+
     def __init__(
         self,
         preference: Preference,
@@ -44,7 +46,8 @@ class UPGrad(_DualCone):
     task gradients ``{v : gⱼ·v ≥ 0 ∀j}`` and the projections are summed, so the update conflicts with no
     task. With the default preference the update is the *mean* of the projections (TorchJD's convention:
     weights sum to about 1). Weights come from the trace-normalised Gramian plus ``reg_eps·I``
-    (:func:`~lightning_mtl.functional.upgrad.upgrad_weights`), then ``Σ wᵢLᵢ`` is back-propagated once.
+    (:func:`~lightning_mtl.functional.upgrad.upgrad_weights`) and apply to the shared parameters; the
+    task-specific parameters get the plain gradient of ``Σ Lᵢ``, as TorchJD's ``mtl_backward``.
 
     Args:
         preference: per-task preference, a ``task -> value`` mapping or a sequence in task order (default
@@ -77,8 +80,9 @@ class DualProj(_DualCone):
     for Multi-Objective Optimization", 2024 (https://arxiv.org/abs/2406.16232).
 
     The combination ``Σ pᵢgᵢ`` (``p = 1/T`` by default: the mean gradient) is projected onto
-    ``{v : gⱼ·v ≥ 0 ∀j}`` (:func:`~lightning_mtl.functional.dualproj.dualproj_weights`), then ``Σ wᵢLᵢ`` is
-    back-propagated once.
+    ``{v : gⱼ·v ≥ 0 ∀j}`` (:func:`~lightning_mtl.functional.dualproj.dualproj_weights`) on the shared
+    parameters; the task-specific parameters get the plain gradient of ``Σ Lᵢ``, as TorchJD's
+    ``mtl_backward``.
 
     Args:
         preference: the combination to project, a ``task -> value`` mapping or a sequence in task order

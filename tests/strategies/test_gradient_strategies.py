@@ -122,6 +122,16 @@ def _one_step(strategy, model) -> None:
     trainer(max_steps=1, callbacks=[strategy]).fit(model, loader(make_data(n=N), batch_size=N))
 
 
+HEADS = {"mgda": "weighted", "mgda-loss+": "weighted", "mgda-ub": "weighted", "nash": "weighted"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_heads_convention_of_the_reference_code(name):
+    """MGDA and Nash-MTL back-propagate the weighted loss (heads get wᵢ∇Lᵢ, as their authors' code); the
+    surgery methods' reference code gives the task-specific parameters their plain gradient."""
+    assert CASES[name][0]().heads == HEADS.get(name, "plain")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_update_equals_functional_rule(name):
     make_strategy, rule, representation, clip = CASES[name]
@@ -129,11 +139,16 @@ def test_update_equals_functional_rule(name):
     before = copy.deepcopy(model)
     full, G, losses, n_shared = _per_task(before, make_data(n=N)[:], representation)
     w = rule(G.double(), losses.double()).float()
+    strategy = make_strategy()
     grad = w @ full
+    if strategy.heads == "plain":
+        # surgery methods (their reference code): the combination applies to the shared part only, the heads
+        # get the plain gradient of the summed loss
+        grad[n_shared:] = full.sum(0)[n_shared:]
+        assert not torch.allclose(w, torch.ones_like(w)), "w = 1: the test would not see weighted heads"
     if clip is not None:
         norm = grad[:n_shared].norm()
         grad[:n_shared] *= min(1.0, clip / float(norm))
-    strategy = make_strategy()
     _one_step(strategy, model)
     torch.testing.assert_close(strategy.weights_tensor(), w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flat_params(model), flat_params(before) - LR * grad, atol=1e-6, rtol=1e-5)
@@ -202,6 +217,51 @@ def test_accumulation_equals_the_large_batch(representation):
     trainer(max_epochs=2, callbacks=[s_small]).fit(small, loader(make_data(n=64), batch_size=8))
     torch.testing.assert_close(s_small.weights_tensor(), s_big.weights_tensor(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flat_params(small), flat_params(big), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("representation", [False, True])
+def test_plain_heads_with_accumulation_equal_the_large_batch(representation):
+    """heads="plain": the shared correction is built from the window's Jacobian (parameters mode) or from
+    each micro-batch's representation gradients; k micro-batches of B still equal one batch of k·B."""
+    big, small = ConflictNet(), ConflictNet(accumulate_grad_batches=4)
+    mode = "representation" if representation else "parameters"
+    s_big, s_small = UPGrad(mode=mode), UPGrad(mode=mode)
+    trainer(max_epochs=2, callbacks=[s_big]).fit(big, loader(make_data(n=64), batch_size=32))
+    trainer(max_epochs=2, callbacks=[s_small]).fit(small, loader(make_data(n=64), batch_size=8))
+    torch.testing.assert_close(s_small.weights_tensor(), s_big.weights_tensor(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat_params(small), flat_params(big), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("representation", [False, True])
+def test_plain_heads_on_steps_that_reuse_the_weights(representation):
+    """update_every=2: the second step reuses w but still gives the heads their plain gradient."""
+    mode = "representation" if representation else "parameters"
+    model = ConflictNet(lr=LR)
+    data = make_data(n=2 * N)
+    expected = copy.deepcopy(model)
+    w = None
+    for step in range(2):
+        batch = data[step * N : (step + 1) * N]
+        full, G, _, n_shared = _per_task(expected, batch, representation)
+        if w is None:
+            w = upgrad_weights(G.double()).float()
+        grad = full.sum(0)
+        grad[:n_shared] = (w @ full)[:n_shared]
+        with torch.no_grad():
+            for p, g in zip(expected.parameters(), _split(grad, expected)):
+                p -= LR * g
+    strategy = UPGrad(mode=mode, update_every=2)
+    trainer(max_steps=2, callbacks=[strategy]).fit(model, loader(data, batch_size=N))
+    torch.testing.assert_close(strategy.weights_tensor(), w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat_params(model), flat_params(expected), atol=1e-6, rtol=1e-5)
+
+
+def _split(vector, module):
+    out, offset = [], 0
+    for p in module.parameters():
+        out.append(vector[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
 
 
 # ------------------------------------------------------------------------------------------ resume parity

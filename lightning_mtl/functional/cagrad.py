@@ -41,15 +41,17 @@ def cagrad_weights(G: Tensor, *, c: float = 0.4, rescale: int = 1) -> Tensor:
 
     Args:
         G: ``[T, T]`` Gramian.
-        c: radius of the ball around ``g₀``, in ``[0, 1)`` (convergence to a stationary point of the average
-            loss is proven for ``c < 1``). Default 0.4 (NYUv2, Cityscapes); the toy uses 0.5.
+        c: radius of the ball around ``g₀``, a finite number ``≥ 0``. The paper's Theorem 3.2 gives
+            convergence to a stationary point of the average loss for ``c < 1``, and only to a
+            Pareto-stationary point for ``c ≥ 1``, which is allowed (as in the authors' code and TorchJD).
+            Default 0.4 (NYUv2, Cityscapes); the toy uses 0.5.
         rescale: 0, 1 or 2 as above (default 1).
 
     Returns:
         ``[T]`` weights, same dtype and device as ``G``.
     """
-    if not (isinstance(c, (int, float)) and 0.0 <= c < 1.0):
-        raise ValueError(f"c must be in [0, 1) for {_METHOD}, got {c!r}.")
+    if isinstance(c, bool) or not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0.0):
+        raise ValueError(f"c must be a finite number >= 0 for {_METHOD}, got {c!r}.")
     if rescale not in _RESCALES:
         raise ValueError(f"rescale must be 0, 1 or 2 for {_METHOD}, got {rescale!r}.")
     G64 = prepare_gramian(G, _METHOD)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from lightning_mtl.functional.gradient_methods import cagrad_weights
@@ -23,8 +25,9 @@ class CAGrad(GradientWeighting):
     (Cranial-XIX/CAGrad, ``nyuv2/utils.py``: per-task backward passes accumulate into the heads).
 
     Args:
-        c: radius in ``[0, 1)``; 0.4 (paper, NYUv2 and Cityscapes; the toy uses 0.5). ``c = 0`` is gradient
-            descent on the mean loss.
+        c: radius ``≥ 0``; 0.4 (paper, NYUv2 and Cityscapes; the toy uses 0.5). ``c = 0`` is gradient
+            descent on the mean loss; ``c < 1`` converges to a stationary point of the mean loss (the paper's
+            Theorem 3.2), ``c ≥ 1`` only to a Pareto-stationary point (allowed, as in the authors' code).
         rescale: ``1`` (default, ``d/(1+c²)``), ``2`` (``d/(1+c)``, the toy script) or ``0`` (``d``).
         mode: ``"parameters"`` (default) or ``"representation"``.
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
@@ -42,8 +45,8 @@ class CAGrad(GradientWeighting):
         sync: SyncMode = "exact",
         jacobian: JacobianMethod = "auto",
     ) -> None:
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c < 1.0:
-            raise ValueError(f"CAGrad c must be a number in [0, 1), got {c!r}.")
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c >= 0.0):
+            raise ValueError(f"CAGrad c must be a finite number >= 0, got {c!r}.")
         if rescale not in (0, 1, 2) or isinstance(rescale, bool):
             raise ValueError(f"CAGrad rescale must be 0, 1 or 2, got {rescale!r}.")
         super().__init__(mode=mode, update_every=update_every, sync=sync, jacobian=jacobian)

@@ -37,7 +37,18 @@ def test_zero_mean_gradient_gives_zero() -> None:
     torch.testing.assert_close(cagrad_weights(J @ J.T), torch.full((2,), 0.5 / 1.16, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("c", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("c", [-0.1, float("inf"), float("nan")])
 def test_c_out_of_range(c: float) -> None:
-    with pytest.raises(ValueError, match=rf"c must be in \[0, 1\) for CAGrad, got {c}"):
+    with pytest.raises(ValueError, match=rf"c must be a finite number >= 0 for CAGrad, got {c}"):
         cagrad(torch.eye(2), c=c)
+
+
+@pytest.mark.parametrize(
+    ("c", "rescale", "expected"), [(1.0, 1, 0.5), (1.5, 1, 0.5 * 2.5 / 3.25), (2.0, 0, 1.5)]
+)
+def test_c_at_least_one_is_allowed(c: float, rescale: int, expected: float) -> None:
+    """The paper's theorem covers c >= 1 (Pareto-stationarity), the authors' code accepts it. Two orthogonal
+    unit gradients: by symmetry w* = (½, ½), g_w* = g₀, ‖g₀‖ = 1/√2, so d = (1 + c)g₀ and the weights are
+    ½(1 + c)/(1 + c²) (rescale=1) or ½(1 + c) (rescale=0)."""
+    weights = cagrad_weights(torch.eye(2, dtype=torch.float64), c=c, rescale=rescale)
+    torch.testing.assert_close(weights, torch.full((2,), expected, dtype=torch.float64))

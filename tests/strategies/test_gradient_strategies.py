@@ -323,7 +323,7 @@ def test_unmarked_representation_is_a_clear_error(strategy):
         (lambda: CAGrad(sync="global"), "sync must be 'exact' or 'local', got 'global'"),
         (lambda: MGDA(jacobian="vmap"), "'auto', 'batched' or 'loop'"),
         (lambda: MGDA("l1"), "normalization must be one of"),
-        (lambda: CAGrad(c=1.0), r"CAGrad c must be a number in \[0, 1\), got 1.0"),
+        (lambda: CAGrad(c=-0.5), r"CAGrad c must be a finite number >= 0, got -0.5"),
         (lambda: CAGrad(rescale=3), "rescale must be 0, 1 or 2"),
         (lambda: NashMTL(max_norm=0), "max_norm must be a number > 0 or None"),
         (lambda: NashMTL(optim_niter=0), "optim_niter must be an int >= 1"),

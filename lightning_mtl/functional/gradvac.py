@@ -55,7 +55,9 @@ def gradvac_weights(
     drawn once per task ``i`` (a permutation of the other tasks, on the CPU, from ``generator``) and shared
     by all groups, as in LibMTL; with one group this is exactly TorchJD's ``GradVacWeighting`` draw.
 
-    Defaults: ``β = 1e-2``, the paper's setting (LibMTL and TorchJD default to 0.5); targets start at 0.
+    Defaults: ``β = 1e-2``, a slow EMA (a memory of about 100 steps); the paper (section 3.3) defines β as
+    a hyper-parameter, and the value of its experiments is not confirmed here: LibMTL and TorchJD default
+    to 0.5, which makes the targets follow the latest cosines much faster. Targets start at 0 (the paper).
     ``eps`` guards ``√(1−φ̂²)`` (dimensionless, so the result does not depend on the gradients' scale,
     unlike TorchJD's absolute ``1e-8`` on the norms): a target of exactly ±1 gives a large but finite step.
 
@@ -148,7 +150,7 @@ def gradvac(
         J: ``[T, P]`` Jacobian.
         targets: EMA targets ``φ̂``: ``[T, T]`` (whole model) or ``[K, T, T]`` with ``groups``;
             ``None``: zeros.
-        beta: EMA rate in ``[0, 1]`` (default 1e-2, the paper's).
+        beta: EMA rate in ``[0, 1]`` (default 1e-2; see :func:`gradvac_weights`).
         groups: sizes of consecutive parameter groups along ``P`` (e.g. one per layer), summing to ``P``;
             ``None``: the whole model is one group (the state is then ``[T, T]``).
         eps: as in :func:`gradvac_weights`.

@@ -25,7 +25,8 @@ class GradVac(GradientWeighting):
     The targets ``[T, T]`` and the generator are saved in checkpoints and identical on every rank.
 
     Args:
-        beta: EMA rate of the targets (default 1e-2, the paper's; LibMTL and TorchJD use 0.5).
+        beta: EMA rate of the targets (default 1e-2, a slow EMA; LibMTL and TorchJD default to 0.5, which
+            tracks the latest cosines much faster; the paper leaves β as a hyper-parameter).
         eps: guard of ``√(1−φ̂²)`` (default 1e-8).
         seed: seed of the task-order generator (``None``: the global seed).
         mode: ``"parameters"`` (default; the whole shared model is one group) or ``"representation"``.

@@ -27,9 +27,11 @@ class NashMTL(GradientWeighting):
     gradients), as in the authors' code (AvivNavon/nash-mtl, ``methods/weight_methods.py``).
 
     When the solver does not converge (no bargaining solution exists, e.g. a zero task gradient, or the step
-    budget ran out) the strategy warns and **falls back to the previous** ``α`` (the authors' behaviour;
-    the first step keeps the solver's last iterate); ``train/nash_mtl/converged`` logs 0 for that update
-    and ``train/nash_mtl/failures`` counts them.
+    budget ran out) the strategy warns and **falls back to the previous** ``α``, or to ones before any
+    converged update (the authors' behaviour: their ``prvs_alpha`` starts at ones and is kept when the
+    convex solver fails; the solver's last iterate can be huge on the task without a solution, and its
+    head would get that weight); ``train/nash_mtl/converged`` logs 0 for that update and
+    ``train/nash_mtl/failures`` counts them.
 
     ``update_every=k`` is Nash-MTL-T (the paper's ``update_weights_every``): recompute ``α`` every ``k``
     optimizer steps and reuse it in between.
@@ -79,14 +81,16 @@ class NashMTL(GradientWeighting):
             return alpha
         self._failures += 1
         self._metrics["train/nash_mtl/failures"] = torch.tensor(float(self._failures))
-        fallback = "the previous weights" if self._alpha is not None else "the solver's last iterate"
+        fallback = "the previous weights" if self._alpha is not None else "ones (no converged update yet)"
         rank_zero_warn(
             f"NashMTL: the bargaining problem did not converge within optim_niter={self.optim_niter} steps "
             f"(failure {self._failures}; e.g. a task gradient is zero or the gradients cancel out); using "
             f"{fallback}. Raise optim_niter or check the tasks' gradients.",
             category=RuntimeWarning,
         )
-        return alpha if self._alpha is None else self._alpha.to(stat.device, stat.dtype)
+        if self._alpha is None:
+            return torch.ones_like(alpha)
+        return self._alpha.to(stat.device, stat.dtype)
 
     def method_state(self) -> dict[str, Any]:
         return {"alpha": None if self._alpha is None else self._alpha.clone(), "failures": self._failures}

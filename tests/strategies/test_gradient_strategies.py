@@ -264,6 +264,29 @@ def _split(vector, module):
     return out
 
 
+class DeadTaskNet(TinyNet):
+    """Task c's loss does not depend on the shared encoder: its shared gradient is zero, its head's is not."""
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        z = self.encoder(x)
+        out = {t: nn.functional.mse_loss(self.heads[t](z).squeeze(1), y[:, i]) for i, t in enumerate("ab")}
+        out["c"] = nn.functional.mse_loss(self.heads["c"](z.detach()).squeeze(1), y[:, 2])
+        return out
+
+
+def test_nash_without_solution_falls_back_to_ones_on_the_first_step():
+    """No bargaining solution (a zero shared gradient): the first update uses α = 1 (the authors' initial
+    α, kept when their solver fails), not the solver's diverging last iterate (which would multiply task
+    c's head gradient by ~1e6)."""
+    model = DeadTaskNet(lr=LR)
+    strategy = NashMTL(max_norm=None)
+    with pytest.warns(RuntimeWarning, match="did not converge.*using ones"):
+        _one_step(strategy, model)
+    torch.testing.assert_close(strategy.weights_tensor(), torch.ones(3))
+    assert strategy.extra_metrics()["train/nash_mtl/converged"] == 0
+
+
 # ------------------------------------------------------------------------------------------ resume parity
 RESUMABLE = {
     "pcgrad": lambda: PCGrad(seed=11),

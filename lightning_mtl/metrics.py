@@ -151,14 +151,25 @@ class TaskMetrics(nn.Module):
             )
         # module names cannot contain '.', task names can: index the collections by position
         self.stages = nn.ModuleDict(stages)
-        self._updated = dict.fromkeys(STAGES, False)
+        self._updated: dict[tuple[str, int], bool] = {(stage, 0): False for stage in STAGES}
 
-    def collection(self, stage: str, task: str) -> Any:
-        """The ``MetricCollection`` of ``task`` for ``stage``."""
-        return self.stages[_stage_key(stage)][_key(self.task_names.index(task))]
+    def collection(self, stage: str, task: str, dataloader_idx: int = 0) -> Any:
+        """The ``MetricCollection`` of ``task`` for ``stage`` (and evaluation dataloader ``dataloader_idx``)."""
+        return self._stage(stage, dataloader_idx)[_key(self.task_names.index(task))]
 
-    def update(self, stage: str, outputs: Mapping[str, Any] | None) -> None:
-        """Update ``stage``'s metrics from ``{task: (preds, target)}`` (predictions are detached)."""
+    def _stage(self, stage: str, dataloader_idx: int = 0) -> nn.ModuleDict:
+        """The stage's collections; a further evaluation dataloader gets its own clones on first use."""
+        key = _stage_key(stage, dataloader_idx)
+        if key not in self.stages:
+            first = self.stages[_stage_key(stage)]
+            self.stages[key] = nn.ModuleDict({k: c.clone() for k, c in first.items()})
+            for collection in self.stages[key].values():
+                collection.reset()
+        return self.stages[key]
+
+    def update(self, stage: str, outputs: Mapping[str, Any] | None, dataloader_idx: int = 0) -> None:
+        """Update ``stage``'s metrics from ``{task: (preds, target)}`` (predictions are detached); each
+        evaluation dataloader has its own metric state."""
         if outputs is None:
             raise ValueError(
                 f"Tasks {list(self.task_names)} declare metrics, but task_losses returned only the losses. Return "
@@ -185,19 +196,19 @@ class TaskMetrics(nn.Module):
             preds, target = pair
             if isinstance(preds, Tensor):
                 preds = preds.detach()
-            self.stages[_stage_key(stage)][_key(i)].update(preds, target)
-        self._updated[stage] = True
+            self._stage(stage, dataloader_idx)[_key(i)].update(preds, target)
+        self._updated[(stage, dataloader_idx)] = True
 
-    def compute(self, stage: str) -> dict[str, Tensor]:
+    def compute(self, stage: str, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """``{"<task>/<metric>": value}`` for ``stage`` (synchronised across ranks), then reset the stage.
 
-        Empty when the stage saw no update this epoch.
+        Empty when the stage (that dataloader's metrics) saw no update this epoch.
         """
-        if not self._updated[stage]:
+        if not self._updated.get((stage, dataloader_idx), False):
             return {}
         values: dict[str, Tensor] = {}
         for i, name in enumerate(self.task_names):
-            collection = self.stages[_stage_key(stage)][_key(i)]
+            collection = self._stage(stage, dataloader_idx)[_key(i)]
             for metric, value in collection.compute().items():
                 if not isinstance(value, Tensor) or value.numel() != 1:
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -207,21 +218,26 @@ class TaskMetrics(nn.Module):
                     )
                 values[f"{name}/{metric}"] = value.reshape(()).float()
             collection.reset()
-        self._updated[stage] = False
+        self._updated[(stage, dataloader_idx)] = False
         return values
 
     def reset(self, stage: str) -> None:
-        for collection in self.stages[_stage_key(stage)].values():
-            collection.reset()
-        self._updated[stage] = False
+        for key, collections in self.stages.items():
+            if key == _stage_key(stage) or key.startswith(_stage_key(stage) + "_dl"):
+                for collection in collections.values():
+                    collection.reset()
+        for key in self._updated:
+            if key[0] == stage:
+                self._updated[key] = False
 
 
 def _key(index: int) -> str:
     return f"t{index}"
 
 
-def _stage_key(stage: str) -> str:
-    return f"{stage}_metrics"  # "train" would shadow nn.Module.train
+def _stage_key(stage: str, dataloader_idx: int = 0) -> str:
+    # "train" would shadow nn.Module.train; dataloader 0 keeps the plain name
+    return f"{stage}_metrics" if dataloader_idx == 0 else f"{stage}_metrics_dl{dataloader_idx}"
 
 
 def delta_m(

@@ -58,9 +58,18 @@ class MultiTaskModule(pl.LightningModule):
         self.automatic_optimization = False
         self.tasks: tuple[Task, ...] = build_tasks(tasks)
         self.task_names: tuple[str, ...] = tuple(t.name for t in self.tasks)
-        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+        if (
+            isinstance(accumulate_grad_batches, bool)
+            or not isinstance(accumulate_grad_batches, int)
+            or accumulate_grad_batches < 1
+        ):
             raise ValueError(f"accumulate_grad_batches must be an int >= 1, got {accumulate_grad_batches!r}.")
-        if gradient_clip_val is not None and not (math.isfinite(gradient_clip_val) and gradient_clip_val > 0):
+        if gradient_clip_val is not None and not (
+            isinstance(gradient_clip_val, (int, float))
+            and not isinstance(gradient_clip_val, bool)
+            and math.isfinite(gradient_clip_val)
+            and gradient_clip_val > 0
+        ):
             raise ValueError(f"gradient_clip_val must be a number > 0 or None, got {gradient_clip_val!r}.")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(
@@ -331,7 +340,9 @@ class MultiTaskModule(pl.LightningModule):
                     sched = out.get("lr_scheduler")
                     sched_obj = sched.get("scheduler") if isinstance(sched, Mapping) else sched
                     if sched_obj is not None:
-                        specs.setdefault(id(sched_obj), {"interval": "epoch", "strict": True})["monitor"] = out["monitor"]
+                        specs.setdefault(id(sched_obj), {"interval": "epoch", "strict": True})["monitor"] = (
+                            out["monitor"]
+                        )
                     out.pop("monitor")
                 return out
             return strip(item)
@@ -369,9 +380,7 @@ class MultiTaskModule(pl.LightningModule):
                             f"ReduceLROnPlateau monitors {monitor!r}, which was not logged; available: "
                             f"{available}. Set 'monitor' in configure_optimizers to one of them."
                         )
-                    rank_zero_warn(
-                        f"ReduceLROnPlateau monitor {monitor!r} not logged yet; not stepping."
-                    )
+                    rank_zero_warn(f"ReduceLROnPlateau monitor {monitor!r} not logged yet; not stepping.")
                     continue
             self.lr_scheduler_step(config.scheduler, metric)
 
@@ -402,14 +411,20 @@ class MultiTaskModule(pl.LightningModule):
 
     # ================================================================== validation / test
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Mapping[str, Tensor]:
-        """Accumulates per-task losses for ``val/loss/<task>``; returns the losses (call it via ``super()``)."""
-        return self._eval_step(batch, batch_idx, "val")
+        """Accumulates per-task losses for ``val/loss/<task>``; returns the losses (call it via ``super()``).
+
+        With several validation dataloaders each one is averaged separately and logged with Lightning's
+        suffix, ``val/loss/<task>/dataloader_idx_<k>`` (likewise ``val/loss`` and ``val/<task>/<metric>``).
+        """
+        return self._eval_step(batch, batch_idx, "val", dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Mapping[str, Tensor]:
-        """Accumulates per-task losses for ``test/loss/<task>``; returns the losses."""
-        return self._eval_step(batch, batch_idx, "test")
+        """Accumulates per-task losses for ``test/loss/<task>`` (per dataloader, as in validation)."""
+        return self._eval_step(batch, batch_idx, "test", dataloader_idx)
 
-    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> Mapping[str, Tensor]:
+    def _eval_step(
+        self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0
+    ) -> Mapping[str, Tensor]:
         losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
         stacked = self._stack_losses(
             losses, "validation" if stage == "val" else stage, training=False
@@ -423,42 +438,78 @@ class MultiTaskModule(pl.LightningModule):
             rank_zero_warn(message + "; leaving this batch out of the epoch average (nonfinite='skip').")
             return losses
         size = float(_batch_size(batch))
-        if self._eval_sums is None or self._eval_sums.device != stacked.device:
-            self._eval_sums = torch.zeros_like(stacked, dtype=torch.float64)
-            self._eval_count = torch.zeros((), dtype=torch.float64, device=stacked.device)
-        self._eval_sums += stacked.double() * size
-        self._eval_count += size
+        # [num dataloaders, T + 1]: per-task sums of loss x batch size, then the sample count
+        sums = self._eval_buffer(stage, dataloader_idx, stacked.device)
+        sums[dataloader_idx, :-1] += stacked.double() * size
+        sums[dataloader_idx, -1] += size
         if self.task_metrics is not None:  # --- per-task metrics (lightning_mtl.metrics) ---
-            self.task_metrics.update(stage, outputs)
+            self.task_metrics.update(stage, outputs, dataloader_idx)
         return losses
+
+    def _num_eval_dataloaders(self, stage: str) -> int:
+        trainer = self._trainer
+        counts = None
+        if trainer is not None:
+            counts = (
+                trainer.num_sanity_val_batches
+                if trainer.sanity_checking
+                else (trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
+            )
+        return max(1, len(counts)) if isinstance(counts, (list, tuple)) else 1
+
+    def _eval_buffer(self, stage: str, dataloader_idx: int, device: torch.device) -> Tensor:
+        rows = max(self._num_eval_dataloaders(stage), dataloader_idx + 1)
+        sums = self._eval_sums
+        if sums is None or sums.device != device or sums.shape[0] < rows:
+            grown = torch.zeros(rows, len(self.task_names) + 1, dtype=torch.float64, device=device)
+            if sums is not None:
+                grown[: sums.shape[0]] = sums.to(device)
+            self._eval_sums = sums = grown
+        return sums
 
     def _reset_eval(self) -> None:
         self._eval_sums, self._eval_count = None, None
 
     def _log_eval(self, stage: str) -> None:
-        if self._eval_sums is None or self._eval_count is None:
-            return
-        packed = torch.cat([self._eval_sums, self._eval_count.reshape(1)])
+        # every rank takes part in the reduction, even one whose batches were all left out (nonfinite='skip')
+        packed = self._eval_buffer(
+            stage, 0, self._eval_sums.device if self._eval_sums is not None else self.device
+        )
         if self.trainer.world_size > 1:
             packed = self.trainer.strategy.reduce(packed.clone(), reduce_op="sum")
-        means = (packed[:-1] / packed[-1].clamp_min(1)).float()
-        metrics = {f"{stage}/loss/{n}": v for n, v in zip(self.task_names, means.unbind())}
-        metrics[f"{stage}/loss"] = means.sum()
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
         self._reset_eval()
-        self._log_task_metrics(stage, {f"{n}/loss": v for n, v in zip(self.task_names, means.unbind())})
+        several = packed.shape[0] > 1
+        for idx in range(packed.shape[0]):
+            count = packed[idx, -1]
+            if not bool(count > 0):
+                continue
+            means = (packed[idx, :-1] / count).float()
+            suffix = f"/dataloader_idx_{idx}" if several else ""
+            metrics = {f"{stage}/loss/{n}{suffix}": v for n, v in zip(self.task_names, means.unbind())}
+            metrics[f"{stage}/loss{suffix}"] = means.sum()
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, add_dataloader_idx=False)
+            self._log_task_metrics(
+                stage, {f"{n}/loss": v for n, v in zip(self.task_names, means.unbind())}, idx, suffix
+            )
 
     # --- per-task metrics (lightning_mtl.metrics) ---------------------------------------------------------
-    def _log_task_metrics(self, stage: str, losses: dict[str, Tensor]) -> None:
+    def _log_task_metrics(
+        self, stage: str, losses: dict[str, Tensor], dataloader_idx: int = 0, suffix: str = ""
+    ) -> None:
         """Compute (synchronised by torchmetrics), log ``<stage>/<task>/<metric>``, reset, and hand the values
-        (plus the epoch's ``<task>/loss``) to callbacks defining ``on_task_metrics`` (e.g. ``DeltaM``)."""
-        values = self.task_metrics.compute(stage) if self.task_metrics is not None else {}
+        (plus the epoch's ``<task>/loss``) to callbacks defining ``on_task_metrics`` (e.g. ``DeltaM``); with
+        several dataloaders, only the first one's values go to those callbacks."""
+        values = self.task_metrics.compute(stage, dataloader_idx) if self.task_metrics is not None else {}
         if values:
             self.log_dict(
-                {f"{stage}/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True, batch_size=1
+                {f"{stage}/{k}{suffix}": v for k, v in values.items()},
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+                add_dataloader_idx=False,
             )
         values.update(losses)
-        if values:
+        if values and dataloader_idx == 0:
             for cb in _callbacks_with(self.trainer, "on_task_metrics"):
                 cb.on_task_metrics(self.trainer, self, stage, values)
 

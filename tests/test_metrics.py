@@ -76,7 +76,7 @@ def test_train_metrics_logged_once_per_epoch_with_epoch_values():
         assert float(t.callback_metrics[f"train/{key}"]) == pytest.approx(value, rel=1e-5)
     # state was reset between epochs: a second epoch does not double-count
     assert model.task_metrics is not None
-    assert not model.task_metrics._updated["train"]
+    assert not model.task_metrics._updated[("train", 0)]
 
 
 def test_metrics_follow_training():

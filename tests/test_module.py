@@ -54,7 +54,10 @@ def test_lr_scheduler_step_interval_and_frequency():
         def configure_optimizers(self):
             opt = torch.optim.SGD(self.parameters(), lr=1.0)
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2}}
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 2},
+            }
 
     net = Scheduled()
     trainer(max_steps=4).fit(net, dummy_loader(4))
@@ -92,7 +95,8 @@ def test_several_param_groups_and_optimizers():
     class TwoOpts(TinyNet):
         def configure_optimizers(self):
             enc = torch.optim.SGD(
-                [{"params": self.encoder[0].weight, "lr": 0.01}, {"params": self.encoder[0].bias, "lr": 0.0}], lr=0.1
+                [{"params": self.encoder[0].weight, "lr": 0.01}, {"params": self.encoder[0].bias, "lr": 0.0}],
+                lr=0.1,
             )
             return [enc, torch.optim.SGD(self.heads.parameters(), lr=0.1)]
 

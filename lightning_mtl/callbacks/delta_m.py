@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,9 +43,14 @@ class DeltaM(Callback):
         for key, value in baselines.items():
             if not isinstance(key, str) or key.count("/") != 1:
                 raise ValueError(f"DeltaM: baseline key {key!r} must look like '<task>/<metric>'.")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value == 0:
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or value == 0
+                or not math.isfinite(value)
+            ):
                 raise ValueError(
-                    f"DeltaM: baseline {key!r} = {value!r}; a relative change needs a non-zero number."
+                    f"DeltaM: baseline {key!r} = {value!r}; a relative change needs a finite, non-zero number."
                 )
         self.baselines = {k: float(v) for k, v in baselines.items()}
         self.higher_is_better_overrides = dict(higher_is_better or {})

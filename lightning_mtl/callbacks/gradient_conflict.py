@@ -99,6 +99,9 @@ class GradientConflictMonitor(Callback):
                 f"GradientConflictMonitor needs a lightning_mtl.MultiTaskModule, got {type(pl_module).__name__}."
             )
         self.task_names = tuple(pl_module.task_names)
+        if trainer.global_step == 0:  # a new training run (a checkpoint is restored after setup)
+            self._sum_cos, self._sum_norms, self._sum_fraction, self._count = None, None, 0.0, 0
+            self._epoch_cos, self._epoch_count, self.last = None, 0, None
         self._params = shared_parameters_of(pl_module, "GradientConflictMonitor")
         self._engine = JacobianEngine("auto", owner="GradientConflictMonitor")
 

@@ -99,6 +99,8 @@ class TaskAffinity(Callback):
                 f"TaskAffinity needs a lightning_mtl.MultiTaskModule, got {type(pl_module).__name__}."
             )
         self.task_names = tuple(pl_module.task_names)
+        if trainer.global_step == 0:  # a new training run (a checkpoint is restored after setup)
+            self._sum, self._count, self.last = None, 0, None
         self._params = shared_parameters_of(pl_module, "TaskAffinity")
         self._engine = JacobianEngine("auto", owner="TaskAffinity")
 

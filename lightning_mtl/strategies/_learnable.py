@@ -8,6 +8,7 @@ quantities, so it is identical on every rank and the private optimizer keeps eve
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Literal
 
@@ -32,8 +33,13 @@ class LearnableParameters:
     def __init__(self, init: Tensor, optimizer: OptimizerChoice = "match", lr: float | None = None) -> None:
         if optimizer not in ("match", "adam", "sgd"):
             raise ValueError(f"optimizer must be 'match', 'adam' or 'sgd', got {optimizer!r}.")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"lr must be > 0 (or None to follow the model's optimizer), got {lr!r}.")
+        if lr is not None and (
+            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not lr > 0
+        ):
+            raise ValueError(
+                f"lr of the strategy's learnable parameters must be a finite number > 0 (or None to follow the "
+                f"model's optimizer), got {lr!r}."
+            )
         self.param = torch.nn.Parameter(init.detach().clone().float())
         self.kind = optimizer
         self.lr = lr

@@ -34,3 +34,7 @@ class LossWeighting(MTLStrategy):
 
     def weights_tensor(self) -> Tensor | None:
         return self._weights
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._weights = None

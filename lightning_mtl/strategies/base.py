@@ -123,7 +123,18 @@ class MTLStrategy(Callback):
                 f"{type(self).__name__} is a multi-task strategy: the model must subclass "
                 f"lightning_mtl.MultiTaskModule, got {type(pl_module).__name__}."
             )
+        if stage == "fit" and trainer.global_step == 0:
+            # A new training run (a checkpoint given to fit() is restored after setup): the same strategy
+            # object reused for another fit starts afresh, as a new instance would.
+            self.reset_state()
         self.bind(tasks)
+
+    def reset_state(self) -> None:
+        """Forget what was learned or drawn during a previous fit (learnable weights, loss history, RNG).
+
+        Called at the start of every new training run (``fit`` with ``global_step == 0``); a continued fit
+        (same trainer) or a fit resuming from a checkpoint keeps or restores the state.
+        """
 
     # ------------------------------------------------------------------ the step
     def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,8 +31,13 @@ class DWA(LossWeighting):
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"DWA temperature must be > 0, got {temperature!r}.")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or not temperature > 0
+        ):
+            raise ValueError(f"DWA temperature must be a finite number > 0 (paper: 2), got {temperature!r}.")
         self.temperature = float(temperature)
         self._sum: Tensor | None = None
         self._count = 0
@@ -63,6 +69,10 @@ class DWA(LossWeighting):
                 w = dwa_weights(self._history[1], self._history[0], self.temperature)
             self._epoch_weights = w
         return self._epoch_weights.to(losses.device)
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._sum, self._count, self._history, self._epoch_weights = None, 0, [], None
 
     def weights_tensor(self) -> Tensor | None:
         return self._epoch_weights if self._epoch_weights is not None else self._weights

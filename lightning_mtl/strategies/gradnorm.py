@@ -99,7 +99,12 @@ class GradNorm(MTLStrategy):
             or initial_loss_steps < 1
         ):
             raise ValueError(f"GradNorm initial_loss_steps must be an int >= 1, got {initial_loss_steps!r}.")
-        if not (isinstance(min_weight, (int, float)) and min_weight > 0):
+        if not (
+            isinstance(min_weight, (int, float))
+            and not isinstance(min_weight, bool)
+            and math.isfinite(min_weight)
+            and min_weight > 0
+        ):
             raise ValueError(f"GradNorm min_weight must be > 0, got {min_weight!r}.")
         LearnableParameters(torch.zeros(1), optimizer, lr)  # validates optimizer / lr now
         self._engine = JacobianEngine(jacobian, owner="GradNorm")  # validates jacobian
@@ -260,6 +265,14 @@ class GradNorm(MTLStrategy):
         self._grad_sum, self._loss_sum, self._window_count = None, None, 0
         if self._learnable is not None:
             self._learnable.param.grad = None
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._learnable = None  # bind() builds fresh weights (1) with a fresh optimizer
+        self._initial_sum, self._initial_count = None, 0  # Lᵢ(0) belongs to the new run
+        self._grad_sum, self._loss_sum, self._window_count = None, None, 0
+        self._last = None
+        self._layer_checked = False
 
     # ------------------------------------------------------------------ reporting and state
     @property

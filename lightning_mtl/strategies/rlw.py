@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,12 +40,25 @@ class RLW(LossWeighting):
             raise ValueError(
                 f"RLW distribution must be 'normal', 'uniform' or 'dirichlet', got {distribution!r}."
             )
-        if not concentration > 0:
-            raise ValueError(f"RLW concentration must be > 0, got {concentration!r}.")
+        if (
+            isinstance(concentration, bool)
+            or not isinstance(concentration, (int, float))
+            or not math.isfinite(concentration)
+            or not concentration > 0
+        ):
+            raise ValueError(f"RLW concentration must be a finite number > 0, got {concentration!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(
+                f"RLW seed must be an int or None (Lightning's global seed), got {type(seed).__name__} ({seed!r})."
+            )
         self.distribution = distribution
         self.concentration = float(concentration)
         self.seed = seed
         self._generator: torch.Generator | None = None
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._generator = None  # setup() seeds a fresh one: a new run draws the same weights as a new RLW
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -22,7 +22,11 @@ class StaticWeighting(LossWeighting):
         super().__init__()
         if weights is not None:
             values = list(weights.values()) if isinstance(weights, Mapping) else list(weights)
-            bad = [v for v in values if not isinstance(v, (int, float)) or not v >= 0 or v == float("inf")]
+            bad = [
+                v
+                for v in values
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf")
+            ]
             if bad:
                 raise ValueError(
                     f"StaticWeighting weights must be finite numbers >= 0, got {bad} in {weights}."

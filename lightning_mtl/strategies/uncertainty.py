@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -71,12 +72,21 @@ class UncertaintyWeighting(LossWeighting):
             )
         if init is None:
             init = 0.0 if regularizer == "log" else 1.0
+        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+            raise ValueError(f"UncertaintyWeighting init must be a finite number (or None), got {init!r}.")
         if regularizer == "positive" and init == 0:
             raise ValueError(
                 "UncertaintyWeighting(regularizer='positive') needs init != 0 (weights are 1/(2c²))."
             )
-        if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
-            raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}.")
+        if bounds is not None and not (
+            len(bounds) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            and bounds[0] < bounds[1]
+        ):
+            raise ValueError(
+                f"UncertaintyWeighting bounds must be (low, high) numbers with low < high, e.g. (-5, 5), got "
+                f"{bounds!r}."
+            )
         for name, kind in (task_kinds or {}).items():
             if kind not in _FACTOR:
                 raise ValueError(
@@ -145,6 +155,10 @@ class UncertaintyWeighting(LossWeighting):
     def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
         if self._learnable is not None:
             self._learnable.param.grad = None
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._learnable = None  # bind() builds fresh parameters at ``init`` with a fresh optimizer
 
     def weights_tensor(self) -> Tensor | None:
         if self._learnable is None or self._factors is None:

@@ -139,3 +139,19 @@ def test_gls_strategy_reused_is_still_stateless():
     gls = GLS()
     _fit(gls, epochs=1)
     _fit(gls, epochs=1)
+
+
+class LoggingTiny(TinyNet):
+    def task_losses(self, batch, batch_idx):
+        losses = super().task_losses(batch, batch_idx)
+        self.log("user/loss_a", losses["a"].detach(), on_step=False, on_epoch=True)
+        return losses
+
+
+def test_task_affinity_lookahead_does_not_reach_the_users_logs():
+    def run(callbacks):
+        t = trainer(max_epochs=1, callbacks=callbacks)
+        t.fit(LoggingTiny(), loader(make_data()))
+        return float(t.callback_metrics["user/loss_a"])
+
+    assert run([TaskAffinity(every_n_steps=1, lr=0.5)]) == pytest.approx(run([]), rel=1e-6)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -155,6 +155,7 @@ class TaskAffinity(Callback):
             rng = torch.get_rng_state()
             cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
             stack.enter_context(torch.no_grad())
+            stack.enter_context(_silenced_logging(pl_module))
             try:
                 rows.append(self._losses_at(pl_module, batch, batch_idx, rng, devices, cuda_rng))
                 for i in range(T):
@@ -233,3 +234,20 @@ class TaskAffinity(Callback):
         self.task_names = tuple(state_dict["task_names"])
         self._sum = state_dict["sum"]
         self._count = int(state_dict["count"])
+
+
+@contextmanager
+def _silenced_logging(pl_module: pl.LightningModule) -> Any:
+    """Make ``self.log`` / ``self.log_dict`` no-ops during the lookahead forwards: a ``task_losses`` that logs
+    would otherwise log the values at the perturbed parameters (and count them into its epoch means)."""
+
+    def no_op(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.__dict__["log"] = no_op
+    pl_module.__dict__["log_dict"] = no_op
+    try:
+        yield
+    finally:
+        pl_module.__dict__.pop("log", None)
+        pl_module.__dict__.pop("log_dict", None)

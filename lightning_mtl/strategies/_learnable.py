@@ -37,8 +37,8 @@ class LearnableParameters:
             isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not lr > 0
         ):
             raise ValueError(
-                f"lr of the strategy's learnable parameters must be a finite number > 0 (or None to follow the "
-                f"model's optimizer), got {lr!r}."
+                f"lr must be > 0 and finite (the learning rate of the strategy's learnable parameters; None "
+                f"follows the model's optimizer), got {lr!r}."
             )
         self.param = torch.nn.Parameter(init.detach().clone().float())
         self.kind = optimizer

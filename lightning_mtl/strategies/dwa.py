@@ -37,7 +37,7 @@ class DWA(LossWeighting):
             or not math.isfinite(temperature)
             or not temperature > 0
         ):
-            raise ValueError(f"DWA temperature must be a finite number > 0 (paper: 2), got {temperature!r}.")
+            raise ValueError(f"DWA temperature must be > 0 and finite (paper: 2), got {temperature!r}.")
         self.temperature = float(temperature)
         self._sum: Tensor | None = None
         self._count = 0

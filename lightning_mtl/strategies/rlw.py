@@ -46,7 +46,7 @@ class RLW(LossWeighting):
             or not math.isfinite(concentration)
             or not concentration > 0
         ):
-            raise ValueError(f"RLW concentration must be a finite number > 0, got {concentration!r}.")
+            raise ValueError(f"RLW concentration must be > 0 and finite, got {concentration!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(
                 f"RLW seed must be an int or None (Lightning's global seed), got {type(seed).__name__} ({seed!r})."

@@ -14,13 +14,28 @@ from torchmetrics.regression import MeanAbsoluteError
 
 from lightning_mtl import Task
 from lightning_mtl.callbacks import DeltaM, GradientConflictMonitor, TaskAffinity
-from lightning_mtl.strategies import DWA, GLS, RLW, GradNorm, StaticWeighting, UncertaintyWeighting
+from lightning_mtl.strategies import (
+    DWA,
+    GLS,
+    MGDA,
+    RLW,
+    GradNorm,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    StaticWeighting,
+    UncertaintyWeighting,
+)
 
 STATEFUL = {
     "uncertainty": lambda: UncertaintyWeighting(lr=0.1),
     "dwa": lambda: DWA(),
     "rlw": lambda: RLW(seed=3),
     "gradnorm": lambda: GradNorm(),
+    "pcgrad": lambda: PCGrad(seed=3),
+    "gradvac": lambda: GradVac(beta=0.5, seed=3),
+    "nash": lambda: NashMTL(update_every=2),
+    "mgda-update-every": lambda: MGDA(update_every=3),
 }
 
 

@@ -167,6 +167,15 @@ class GradientWeighting(MTLStrategy):
         if self.random:
             _ = self.generator
 
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._weights = None
+        self._since_update = 0
+        self._generator = None
+        self._metrics = {}
+        self._reset_window()
+        self.load_method_state({})
+
     def _reset_window(self) -> None:
         self._window_losses = []
         self._window_global = None

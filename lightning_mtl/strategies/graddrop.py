@@ -105,6 +105,10 @@ class GradDrop(MTLStrategy):
         # d/dz of this surrogate is Σ∇ᵢ + correction = the GradDrop gradient; the heads get ∇Σ Lᵢ.
         ctx.backward(ctx.losses.sum() + (z.float() * correction.float()).sum())
 
+    def reset_state(self) -> None:
+        super().reset_state()
+        self._generator = None
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self._generator is None else {"generator": self._generator.get_state()}
 

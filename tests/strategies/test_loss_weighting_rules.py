@@ -190,3 +190,27 @@ def test_uncertainty_closed_form_gradient_matches_autograd(regularizer):
     torch.testing.assert_close(
         uncertainty_objective_grad(losses, params.detach(), factors, regularizer), auto
     )
+
+
+@pytest.mark.parametrize(
+    "make_user",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=0.1),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, weight_decay=0.1),
+    ],
+)
+def test_private_optimizer_matches_the_users_class_without_weight_decay(make_user, recwarn):
+    class Net(ScalarNet):
+        def configure_optimizers(self):
+            return make_user(self.parameters())
+
+    strategy = UncertaintyWeighting()  # optimizer="match", lr follows the model's
+    net = Net()
+    trainer(max_steps=2, callbacks=[strategy]).fit(net, dummy_loader(2))
+    private = strategy._learnable.optimizer
+    user = net.trainer.optimizers[0]
+    assert type(private) is type(user)
+    assert private.param_groups[0]["weight_decay"] == 0.0
+    assert private.param_groups[0]["lr"] == user.param_groups[0]["lr"]
+    assert not [w for w in recwarn if "Could not build a private" in str(w.message)]

@@ -8,8 +8,8 @@ quantities, so it is identical on every rank and the private optimizer keeps eve
 
 from __future__ import annotations
 
-import math
 import inspect
+import math
 import warnings
 from typing import Any, Literal
 

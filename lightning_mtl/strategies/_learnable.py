@@ -102,8 +102,9 @@ class LearnableParameters:
         return float(trainer.optimizers[0].param_groups[0]["lr"])
 
     def accumulate(self, grad: Tensor) -> None:
+        """Add ``grad`` to the accumulated gradient (takes ownership of a fresh ``grad`` tensor)."""
         if self.param.grad is None:
-            self.param.grad = grad.detach().clone()
+            self.param.grad = grad.detach()
         else:
             self.param.grad.add_(grad.detach())
 

@@ -128,9 +128,13 @@ class UncertaintyWeighting(LossWeighting):
         learn.prepare(ctx.trainer, ctx.losses.device)
         factors = self._factors.to(ctx.losses.device)
         params = learn.param.detach()
-        grad = uncertainty_objective_grad(ctx.global_losses, params, factors, self.regularizer)
-        learn.accumulate(grad / ctx.accumulate_grad_batches)
         weights = uncertainty_weights(params, factors, self.regularizer)
+        if self.regularizer == "log":  # the closed form below, reusing the weights cᵢe^{−sᵢ}
+            grad = 0.5 - weights * ctx.global_losses
+        else:
+            grad = uncertainty_objective_grad(ctx.global_losses, params, factors, self.regularizer)
+        k = ctx.accumulate_grad_batches
+        learn.accumulate(grad if k == 1 else grad / k)
         ctx.backward((weights * ctx.losses).sum())
         self._weights = weights
 
@@ -145,12 +149,7 @@ class UncertaintyWeighting(LossWeighting):
         if self.bounds is not None:
             with torch.no_grad():
                 self._learnable.param.clamp_(*self.bounds)
-        if self._factors is not None:
-            self._weights = uncertainty_weights(
-                self._learnable.param.detach(),
-                self._factors.to(self._learnable.param.device),
-                self.regularizer,
-            )
+        self._weights = None  # the parameters moved: weights_tensor() recomputes on demand
 
     def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
         if self._learnable is not None:

@@ -395,10 +395,12 @@ class MultiTaskModule(pl.LightningModule):
 
     def _log_training(self, strategy: MTLStrategy, global_losses: Tensor) -> None:
         total = strategy.objective(global_losses)
-        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        # every step, for the progress bar and callbacks; written to the loggers below on logging steps
+        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=1, logger=False)
         if not self._should_log():
             return
-        metrics = {f"train/loss/{n}": v for n, v in zip(self.task_names, global_losses.unbind())}
+        metrics = {"train/loss": total}
+        metrics.update({f"train/loss/{n}": v for n, v in zip(self.task_names, global_losses.unbind())})
         weights = strategy.weights_tensor()
         if weights is not None:
             metrics.update(
@@ -407,7 +409,29 @@ class MultiTaskModule(pl.LightningModule):
         metrics.update(strategy.extra_metrics())
         if self._skipped_windows:
             metrics["train/skipped_steps"] = torch.tensor(float(self._skipped_windows))
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        self._write_step_metrics(metrics)
+
+    def _write_step_metrics(self, metrics: dict[str, Tensor]) -> None:
+        """Write per-step values straight to the Trainer's loggers (at the step Lightning uses for its own
+        training logs) and make them available in ``trainer.callback_metrics`` / ``logged_metrics``.
+
+        ``self.log`` costs ~0.3 ms per key (Lightning's result collection), i.e. ~6 ms per logging step for
+        ``2T + 1`` keys at T = 10; this path costs one host transfer.
+        """
+        connector = getattr(self.trainer, "_logger_connector", None)
+        callback_metrics = getattr(connector, "_callback_metrics", None)
+        if (
+            connector is None
+            or not hasattr(connector, "log_metrics")
+            or not isinstance(callback_metrics, dict)
+        ):
+            self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)  # Lightning internals changed
+            return
+        detached = {k: v.detach() for k, v in metrics.items()}
+        callback_metrics.update(detached)
+        if self.trainer.loggers:
+            values = torch.stack([v.reshape(()).float() for v in detached.values()]).tolist()  # one sync
+            connector.log_metrics(dict(zip(detached, values)))
 
     # ================================================================== validation / test
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Mapping[str, Tensor]:

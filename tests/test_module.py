@@ -169,3 +169,12 @@ def test_progress_bar_shows_total_loss_and_no_logger_works():
     t = trainer(max_steps=2, logger=False)
     t.fit(TinyNet(), loader(make_data(n=32)))
     assert "train/loss" in t.progress_bar_metrics
+
+
+def test_per_task_values_reach_callback_metrics_every_step_but_loggers_only_on_logging_steps(tmp_path):
+    t = trainer(
+        max_steps=3, logger=CSVLogger(tmp_path), log_every_n_steps=50, callbacks=[UncertaintyWeighting()]
+    )
+    t.fit(TinyNet(), loader(make_data(n=64)))
+    assert {"train/loss/a", "train/weight/c", "train/loss"} <= set(t.callback_metrics)
+    assert "train/loss/a" not in t.logged_metrics  # no logging step among the first 3

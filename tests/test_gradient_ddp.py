@@ -22,10 +22,7 @@ CASES = {
     "mgda": (lambda: MGDA(), lambda: TinyNet()),
     "mgda-ub": (lambda: MGDA(mode="representation"), lambda: RepTinyNet(accumulate_grad_batches=2)),
     "cagrad": (lambda: CAGrad(c=0.4), lambda: TinyNet()),
-    "nash": (
-        lambda: NashMTL(update_every=2, tol=1e-8),
-        lambda: TinyNet(),
-    ),  # tight tol: no stopping-rule noise
+    "nash": (lambda: NashMTL(update_every=2), lambda: TinyNet()),  # default solver tolerance
     "upgrad": (lambda: UPGrad(), lambda: TinyNet()),
 }
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 
@@ -116,3 +117,44 @@ def print_rich(renderable: Any) -> None:
     from rich.console import Console
 
     Console().print(renderable)
+
+
+class SharedGradientProbe(Callback):
+    """Base of the diagnostics that read the task gradients on ``shared_parameters()`` from a training step's
+    own graph (``on_task_losses``, called by :class:`~lightning_mtl.MultiTaskModule` before the backward).
+
+    Subclasses implement :meth:`reset` (their running statistics, also called at construction and at the start
+    of every new training run) and the measurement itself, using :meth:`shared_jacobian`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_names: tuple[str, ...] = ()
+        self._params: list[torch.nn.Parameter] | None = None
+        self._engine: Any = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every measurement (a new training run starts afresh; a checkpoint is restored after setup)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_mtl.gradients import JacobianEngine, shared_parameters_of
+
+        name = type(self).__name__
+        if not hasattr(pl_module, "task_names"):
+            raise TypeError(f"{name} needs a lightning_mtl.MultiTaskModule, got {type(pl_module).__name__}.")
+        self.task_names = tuple(pl_module.task_names)
+        if trainer.global_step == 0:
+            self.reset()
+        self._params = shared_parameters_of(pl_module, name)
+        self._engine = JacobianEngine("auto", owner=name)
+
+    def shared_jacobian(self, trainer: pl.Trainer, ctx: Any) -> Tensor:
+        """``[T, P]`` task gradients on the shared parameters of this step, unscaled and averaged over ranks
+        (no DDP hook fires: one explicit reduction)."""
+        from lightning_mtl.gradients import grad_scale, reduce_mean_
+
+        assert self._params is not None, "setup() has not run"
+        return reduce_mean_(trainer, self._engine(ctx.losses, self._params, scale=grad_scale(trainer)))

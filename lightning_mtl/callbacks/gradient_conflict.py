@@ -7,10 +7,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_mtl.callbacks._report import (
+    SharedGradientProbe,
     check_every_n_steps,
     is_measured_step,
     log_heatmap,
@@ -41,7 +41,7 @@ def conflict_statistics(J: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return cos.float(), norms.float(), fraction.float()
 
 
-class GradientConflictMonitor(Callback):
+class GradientConflictMonitor(SharedGradientProbe):
     """Logs how the task gradients on the shared parameters agree, every ``every_n_steps`` optimizer steps.
 
     On a measured step, the task gradients ``gᵢ = ∇_θ Lᵢ`` w.r.t. ``shared_parameters()`` are computed from the
@@ -69,11 +69,12 @@ class GradientConflictMonitor(Callback):
     def __init__(
         self, every_n_steps: int = 50, log_heatmap: bool = True, print_summary: bool = False
     ) -> None:
-        super().__init__()
         self.every_n_steps = check_every_n_steps("GradientConflictMonitor", every_n_steps)
         self.log_heatmap = bool(log_heatmap)
         self.print_summary = bool(print_summary)
-        self.task_names: tuple[str, ...] = ()
+        super().__init__()
+
+    def reset(self) -> None:
         self._sum_cos: Tensor | None = None
         self._sum_norms: Tensor | None = None
         self._sum_fraction = 0.0
@@ -82,28 +83,10 @@ class GradientConflictMonitor(Callback):
         self._epoch_count = 0
         #: the last measurement: ``{"step", "cosine" [T, T], "norms" [T], "conflict_fraction"}``
         self.last: dict[str, Any] | None = None
-        self._params: list[torch.nn.Parameter] | None = None
-        self._engine: Any = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        from lightning_mtl.gradients import JacobianEngine, shared_parameters_of
-
-        if not hasattr(pl_module, "task_names"):
-            raise TypeError(
-                f"GradientConflictMonitor needs a lightning_mtl.MultiTaskModule, got {type(pl_module).__name__}."
-            )
-        self.task_names = tuple(pl_module.task_names)
-        if trainer.global_step == 0:  # a new training run (a checkpoint is restored after setup)
-            self._sum_cos, self._sum_norms, self._sum_fraction, self._count = None, None, 0.0, 0
-            self._epoch_cos, self._epoch_count, self.last = None, 0, None
-        self._params = shared_parameters_of(pl_module, "GradientConflictMonitor")
-        self._engine = JacobianEngine("auto", owner="GradientConflictMonitor")
 
     # ------------------------------------------------------------------ the measurement
     def on_task_losses(
@@ -118,12 +101,7 @@ class GradientConflictMonitor(Callback):
         """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
         if not is_measured_step(trainer, ctx, self.every_n_steps):
             return
-        from lightning_mtl.gradients import grad_scale, reduce_mean_
-
-        assert self._params is not None
-        J = self._engine(ctx.losses, self._params, scale=grad_scale(trainer))
-        J = reduce_mean_(trainer, J)
-        cos, norms, fraction = conflict_statistics(J)
+        cos, norms, fraction = conflict_statistics(self.shared_jacobian(trainer, ctx))
         self._record(trainer.global_step, cos, norms, fraction)
         names = self.task_names
         scalars = {"grad/conflict_fraction": float(fraction)}

@@ -8,10 +8,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_mtl.callbacks._report import (
+    SharedGradientProbe,
     check_every_n_steps,
     is_measured_step,
     log_heatmap,
@@ -30,7 +30,7 @@ def lookahead_affinity(base_losses: Tensor, lookahead_losses: Tensor) -> Tensor:
     return 1.0 - lookahead_losses / base_losses[None, :]
 
 
-class TaskAffinity(Callback):
+class TaskAffinity(SharedGradientProbe):
     """Lookahead inter-task affinity: Fifty, Amid, Zhao, Yu, Anil & Finn, "Efficiently Identifying Task
     Groupings for Multi-Task Learning", NeurIPS 2021 (https://arxiv.org/abs/2109.04617), eq. 3.
 
@@ -70,39 +70,23 @@ class TaskAffinity(Callback):
         log_heatmap: bool = True,
         print_table: bool = False,
     ) -> None:
-        super().__init__()
         self.every_n_steps = check_every_n_steps("TaskAffinity", every_n_steps)
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"TaskAffinity: lr must be a number > 0 or None (optimizer's lr), got {lr!r}.")
         self.lr = None if lr is None else float(lr)
         self.log_heatmap = bool(log_heatmap)
         self.print_table = bool(print_table)
-        self.task_names: tuple[str, ...] = ()
+        super().__init__()
+
+    def reset(self) -> None:
         self._sum: Tensor | None = None
         self._count = 0
         #: the last measurement ``Z`` ``[T, T]``
         self.last: Tensor | None = None
-        self._params: list[torch.nn.Parameter] | None = None
-        self._engine: Any = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, lr=self.lr)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        from lightning_mtl.gradients import JacobianEngine, shared_parameters_of
-
-        if not hasattr(pl_module, "task_names"):
-            raise TypeError(
-                f"TaskAffinity needs a lightning_mtl.MultiTaskModule, got {type(pl_module).__name__}."
-            )
-        self.task_names = tuple(pl_module.task_names)
-        if trainer.global_step == 0:  # a new training run (a checkpoint is restored after setup)
-            self._sum, self._count, self.last = None, 0, None
-        self._params = shared_parameters_of(pl_module, "TaskAffinity")
-        self._engine = JacobianEngine("auto", owner="TaskAffinity")
 
     @property
     def affinity(self) -> Tensor | None:
@@ -139,11 +123,11 @@ class TaskAffinity(Callback):
         """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
         if not is_measured_step(trainer, ctx, self.every_n_steps):
             return
-        from lightning_mtl.gradients import grad_scale, reduce_mean_, unflatten
+        from lightning_mtl.gradients import reduce_mean_, unflatten
 
+        J = self.shared_jacobian(trainer, ctx)
         params = self._params
         assert params is not None
-        J = reduce_mean_(trainer, self._engine(ctx.losses, params, scale=grad_scale(trainer)))
         lr = self._lookahead_lr(trainer)
         T = J.shape[0]
         saved = [p.detach().clone() for p in params]

@@ -55,8 +55,12 @@ class ThreeTaskNet(MultiTaskModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategy", default="UncertaintyWeighting", help="a class of lightning_mtl.strategies")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--strategy", default="UncertaintyWeighting", help="a class of lightning_mtl.strategies"
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", default="runs")
     args = parser.parse_args(argv)
@@ -71,9 +75,17 @@ def main(argv: list[str] | None = None) -> None:
         log_every_n_steps=10,
         enable_model_summary=False,
     )
-    trainer.fit(ThreeTaskNet(), DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256))
-    print(f"final task weights ({args.strategy}):", {k: round(v, 4) for k, v in (strategy.weights or {}).items()})
-    print("validation losses:", {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if "val/" in k})
+    trainer.fit(
+        ThreeTaskNet(), DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256)
+    )
+    print(
+        f"final task weights ({args.strategy}):",
+        {k: round(v, 4) for k, v in (strategy.weights or {}).items()},
+    )
+    print(
+        "validation losses:",
+        {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if "val/" in k},
+    )
 
 
 if __name__ == "__main__":

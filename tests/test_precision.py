@@ -30,7 +30,9 @@ def test_strategies_train_under_mixed_precision(make, precision):
 def test_fp16_matches_fp32_for_a_model_without_autocast_ops():
     # ScalarNet has no autocast-affected op: the fp16 run with a loss scale of 2^16 must equal fp32 exactly
     plain = ScalarNet()
-    trainer(max_steps=3, callbacks=[UncertaintyWeighting(optimizer="sgd", lr=0.1)]).fit(plain, dummy_loader(3))
+    trainer(max_steps=3, callbacks=[UncertaintyWeighting(optimizer="sgd", lr=0.1)]).fit(
+        plain, dummy_loader(3)
+    )
     scaled = ScalarNet()
     s = UncertaintyWeighting(optimizer="sgd", lr=0.1)
     trainer(max_steps=3, callbacks=[s], plugins=[fp16_plugin()]).fit(scaled, dummy_loader(3))

@@ -24,7 +24,9 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
 
 
 def test_quickstart_example_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--epochs", "1", "--strategy", "DWA", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys, "argv", ["quickstart.py", "--epochs", "1", "--strategy", "DWA", "--out", str(tmp_path)]
+    )
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
     assert "final task weights (DWA)" in capsys.readouterr().out
     assert list(tmp_path.glob("DWA/version_0/events.out.tfevents.*"))

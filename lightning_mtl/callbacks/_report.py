@@ -123,9 +123,11 @@ class SharedGradientProbe(Callback):
     """Base of the diagnostics that read the task gradients on ``shared_parameters()`` from a training step's
     own graph (``on_task_losses``, called by :class:`~lightning_mtl.MultiTaskModule` before the backward).
 
-    Subclasses implement :meth:`reset` (their running statistics, also called at construction and at the start
-    of every new training run) and the measurement itself, using :meth:`shared_jacobian`.
+    Subclasses set ``every_n_steps`` and implement :meth:`reset` (their running statistics, also called at
+    construction and at the start of every new training run) and :meth:`measure`, using :meth:`shared_jacobian`.
     """
+
+    every_n_steps: int
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,6 +152,25 @@ class SharedGradientProbe(Callback):
             self.reset()
         self._params = shared_parameters_of(pl_module, name)
         self._engine = JacobianEngine("auto", owner=name)
+
+    def on_task_losses(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        losses: Mapping[str, Tensor],
+        batch: Any,
+        batch_idx: int,
+        ctx: Any,
+    ) -> None:
+        """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
+        if is_measured_step(trainer, ctx, self.every_n_steps):
+            self.measure(trainer, pl_module, batch, batch_idx, ctx)
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: Any
+    ) -> None:
+        """One measurement on a measured step (the step's graph is alive; ``ctx.losses`` holds the losses)."""
+        raise NotImplementedError
 
     def shared_jacobian(self, trainer: pl.Trainer, ctx: Any) -> Tensor:
         """``[T, P]`` task gradients on the shared parameters of this step, unscaled and averaged over ranks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +11,6 @@ from torch import Tensor
 from lightning_mtl.callbacks._report import (
     SharedGradientProbe,
     check_every_n_steps,
-    is_measured_step,
     log_heatmap,
     log_scalars,
     matrix_table,
@@ -89,18 +87,9 @@ class GradientConflictMonitor(SharedGradientProbe):
         return self._generate_state_key(every_n_steps=self.every_n_steps)
 
     # ------------------------------------------------------------------ the measurement
-    def on_task_losses(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        losses: Mapping[str, Tensor],
-        batch: Any,
-        batch_idx: int,
-        ctx: Any,
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: Any
     ) -> None:
-        """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
-        if not is_measured_step(trainer, ctx, self.every_n_steps):
-            return
         cos, norms, fraction = conflict_statistics(self.shared_jacobian(trainer, ctx))
         self._record(trainer.global_step, cos, norms, fraction)
         names = self.task_names

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -13,7 +12,6 @@ from torch import Tensor
 from lightning_mtl.callbacks._report import (
     SharedGradientProbe,
     check_every_n_steps,
-    is_measured_step,
     log_heatmap,
     log_scalars,
     matrix_table,
@@ -111,18 +109,9 @@ class TaskAffinity(SharedGradientProbe):
             )
         return float(trainer.optimizers[0].param_groups[0]["lr"])
 
-    def on_task_losses(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        losses: Mapping[str, Tensor],
-        batch: Any,
-        batch_idx: int,
-        ctx: Any,
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: Any
     ) -> None:
-        """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
-        if not is_measured_step(trainer, ctx, self.every_n_steps):
-            return
         from lightning_mtl.gradients import reduce_mean_, unflatten
 
         J = self.shared_jacobian(trainer, ctx)

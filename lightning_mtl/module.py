@@ -16,7 +16,8 @@ from torch import Tensor
 
 from lightning_mtl._logging import add_tensorboard_layout
 from lightning_mtl.metrics import TaskMetrics, split_task_output
-from lightning_mtl.strategies.base import MTLStrategy, StepContext, check_single_strategy, reduce_mean
+from lightning_mtl.step import StepContext, reduce_mean
+from lightning_mtl.strategies.base import MTLStrategy, check_single_strategy
 from lightning_mtl.task import Task, build_tasks
 
 NonFinitePolicy = Literal["raise", "skip"]
@@ -143,6 +144,11 @@ class MultiTaskModule(pl.LightningModule):
         return z
 
     @property
+    def marked_representation(self) -> Tensor | None:
+        """The tensor marked with :meth:`shared_representation` in the current training step, else ``None``."""
+        return self._shared_representation
+
+    @property
     def strategy(self) -> MTLStrategy:
         """The strategy in use (the attached callback, or the default equal weighting)."""
         return self._active_strategy()
@@ -257,7 +263,7 @@ class MultiTaskModule(pl.LightningModule):
             self._window_discarded = True
 
         if not self._window_discarded:
-            ctx = StepContext(self, stacked, global_losses, k, is_sync, position == 0)
+            ctx = StepContext(self, stacked, global_losses, k, is_sync, position == 0, batch_idx)
             # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
             if self.task_metrics is not None:
                 self.task_metrics.update("train", outputs)
@@ -267,7 +273,7 @@ class MultiTaskModule(pl.LightningModule):
             # --- end hooks ---
             block = getattr(trainer.strategy, "block_backward_sync", None)
             with nullcontext() if is_sync or block is None or trainer.world_size == 1 else block():
-                strategy.backward(loss_dict, ctx)
+                strategy.backward(ctx)
         self._shared_representation = None  # do not keep this step's graph alive
 
         if is_sync:

@@ -1,9 +1,10 @@
 """Strategy callbacks: how the task losses become one update. Attach exactly one to the Trainer."""
 
+from lightning_mtl.step import StepContext
 from lightning_mtl.strategies._gradient_based import GradientWeighting
 from lightning_mtl.strategies._loss_based import LossWeighting
 from lightning_mtl.strategies.aligned_mtl import AlignedMTL
-from lightning_mtl.strategies.base import MTLStrategy, StepContext
+from lightning_mtl.strategies.base import MTLStrategy
 from lightning_mtl.strategies.cagrad import CAGrad
 from lightning_mtl.strategies.dwa import DWA
 from lightning_mtl.strategies.equal import EqualWeighting

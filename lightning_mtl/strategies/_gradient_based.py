@@ -184,7 +184,7 @@ class GradientWeighting(MTLStrategy):
         self._window_reps = []
 
     # ------------------------------------------------------------------ the step
-    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> None:
         if ctx.is_window_start:
             self._reset_window()
             self._computing = self._weights is None or self._since_update >= self.update_every

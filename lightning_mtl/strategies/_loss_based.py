@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor
 
 from lightning_mtl.strategies.base import MTLStrategy, StepContext
@@ -26,7 +24,7 @@ class LossWeighting(MTLStrategy):
         """Weights ``[T]`` for this step from the rank-averaged detached losses ``[T]``."""
         raise NotImplementedError
 
-    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> None:
         stacked = ctx.losses
         weights = self.compute_weights(ctx.global_losses).to(device=stacked.device, dtype=stacked.dtype)
         ctx.backward((weights * stacked).sum())

@@ -1,8 +1,8 @@
 """The strategy protocol: how :class:`~lightning_mtl.MultiTaskModule` hands a step's losses to a method.
 
 A strategy is a Lightning :class:`~lightning.pytorch.callbacks.Callback`. Each training step the module
-calls :meth:`MTLStrategy.backward` with the step's losses (an ordered ``task -> scalar`` mapping, in the
-module's task order) and a :class:`StepContext`. After the call every trainable parameter that a loss
+calls :meth:`MTLStrategy.backward` with a :class:`~lightning_mtl.step.StepContext` holding the step's
+losses in the module's task order. After the call every trainable parameter that a loss
 reaches has its ``.grad`` set; the module then clips, steps the optimizer(s) and calls
 :meth:`MTLStrategy.on_optimizer_step`.
 """
@@ -10,72 +10,17 @@ reaches has its ``.grad`` set; the module then clips, steps the optimizer(s) and
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_mtl.step import StepContext
+
 if TYPE_CHECKING:
     from lightning_mtl.task import Task
-
-
-class StepContext:
-    """What a strategy may use during one (micro-)batch: backward, cross-rank reduction, parameters.
-
-    Attributes:
-        module: the :class:`~lightning_mtl.MultiTaskModule` being trained.
-        losses: the step's losses stacked in task order, ``[T]`` float32, still attached to the graph.
-        accumulate_grad_batches: micro-batches per optimizer step (``backward`` divides by it).
-        is_sync_step: ``True`` on the last micro-batch of an accumulation window (gradients are
-            synchronised across ranks and the optimizer steps after it).
-        is_window_start: ``True`` on the first micro-batch of an accumulation window.
-    """
-
-    def __init__(
-        self,
-        module: pl.LightningModule,
-        losses: Tensor,
-        global_losses: Tensor,
-        accumulate_grad_batches: int = 1,
-        is_sync_step: bool = True,
-        is_window_start: bool = True,
-    ) -> None:
-        self.module = module
-        self.losses = losses
-        self._global_losses = global_losses
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.is_sync_step = is_sync_step
-        self.is_window_start = is_window_start
-
-    @property
-    def trainer(self) -> pl.Trainer:
-        return self.module.trainer
-
-    @property
-    def world_size(self) -> int:
-        return self.module.trainer.world_size
-
-    @property
-    def global_losses(self) -> Tensor:
-        """The step's losses averaged over ranks, detached, ``[T]`` float32 (identical on every rank)."""
-        return self._global_losses
-
-    def backward(self, loss: Tensor, **kwargs: Any) -> None:
-        """Back-propagate ``loss`` through Lightning (AMP scaling, DDP all-reduce, accumulation scaling)."""
-        self.module.manual_backward(loss / self.accumulate_grad_batches, **kwargs)
-
-    def reduce_mean(self, tensor: Tensor) -> Tensor:
-        """Mean of ``tensor`` over ranks (a copy; the identity on one process)."""
-        return reduce_mean(self.module.trainer, tensor)
-
-
-def reduce_mean(trainer: pl.Trainer, tensor: Tensor) -> Tensor:
-    """Average ``tensor`` over the trainer's ranks; returns a new tensor (the input is left untouched)."""
-    if trainer.world_size <= 1:
-        return tensor
-    return trainer.strategy.reduce(tensor.detach().clone(), reduce_op="mean")
 
 
 def global_seed(seed: int | None) -> int:
@@ -137,8 +82,9 @@ class MTLStrategy(Callback):
         """
 
     # ------------------------------------------------------------------ the step
-    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
-        """Turn the step's losses into ``.grad`` on every parameter a loss reaches (via ``ctx.backward``)."""
+    def backward(self, ctx: StepContext) -> None:
+        """Turn the step's losses (``ctx.losses``, ``[T]`` in task order; ``ctx.global_losses`` averaged over
+        ranks) into ``.grad`` on every parameter a loss reaches, through ``ctx.backward``."""
         raise NotImplementedError
 
     def objective(self, losses: Tensor) -> Tensor:

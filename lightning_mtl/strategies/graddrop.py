@@ -87,7 +87,7 @@ class GradDrop(MTLStrategy):
         super().setup(trainer, pl_module, stage)
         _ = self.generator
 
-    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> None:
         assert self._leak is not None
         z = marked_representation(ctx.module, "GradDrop")
         scale = grad_scale(ctx.trainer)

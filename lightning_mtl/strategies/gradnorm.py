@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -201,7 +201,7 @@ class GradNorm(MTLStrategy):
             self._layer_params = self.resolve_layer(ctx.module)
         return self._engine(ctx.losses, self._layer_params, scale=grad_scale(ctx.trainer))
 
-    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> None:
         assert self._learnable is not None
         learn = self._learnable
         learn.prepare(ctx.trainer, ctx.losses.device)

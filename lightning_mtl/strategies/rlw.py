@@ -65,9 +65,9 @@ class RLW(LossWeighting):
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(global_seed(self.seed))
 
-    def backward(self, losses, ctx: StepContext) -> None:  # noqa: ANN001
+    def backward(self, ctx: StepContext) -> None:
         self._window_start = ctx.is_window_start
-        super().backward(losses, ctx)
+        super().backward(ctx)
 
     def compute_weights(self, losses: Tensor) -> Tensor:
         if self._weights is None or self._window_start:

@@ -122,7 +122,7 @@ class UncertaintyWeighting(LossWeighting):
         assert self._learnable is not None, "UncertaintyWeighting is not attached to a module yet"
         return self._learnable.param
 
-    def backward(self, losses: Mapping[str, Tensor], ctx: StepContext) -> None:
+    def backward(self, ctx: StepContext) -> None:
         assert self._learnable is not None and self._factors is not None
         learn = self._learnable
         learn.prepare(ctx.trainer, ctx.losses.device)

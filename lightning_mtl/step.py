@@ -1,0 +1,85 @@
+"""What one training (micro-)batch hands a strategy or a diagnostic: :class:`StepContext`, and the one
+cross-rank mean :func:`reduce_mean`.
+
+A neutral module: it knows Lightning's Trainer and torch, nothing of any method, so the strategies, the
+gradient engine, the diagnostics callbacks and the command line can all import and type against it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_mtl.module import MultiTaskModule
+
+__all__ = ["StepContext", "reduce_mean"]
+
+
+def reduce_mean(trainer: pl.Trainer | None, tensor: Tensor) -> Tensor:
+    """Mean of ``tensor`` over the Trainer's ranks, detached; the identity on one process.
+
+    One all-reduce, which every rank must join. The result is a new tensor: the input is never modified.
+    """
+    if trainer is None or trainer.world_size <= 1:
+        return tensor.detach()
+    return trainer.strategy.reduce(tensor.detach().clone(), reduce_op="mean")
+
+
+class StepContext:
+    """One (micro-)batch of training, as the module hands it to the strategy and the diagnostics.
+
+    Attributes:
+        module: the :class:`~lightning_mtl.MultiTaskModule` being trained.
+        losses: the step's task losses stacked in task order, ``[T]`` float32, attached to the graph.
+        global_losses: the same losses averaged over ranks, detached (identical on every rank).
+        accumulate_grad_batches: micro-batches per optimizer step (:meth:`backward` divides by it).
+        is_sync_step: ``True`` on the last micro-batch of an accumulation window (the optimizer steps after it).
+        is_window_start: ``True`` on the first micro-batch of an accumulation window.
+        batch_idx: the batch index Lightning passed to ``training_step``.
+    """
+
+    def __init__(
+        self,
+        module: MultiTaskModule,
+        losses: Tensor,
+        global_losses: Tensor,
+        accumulate_grad_batches: int = 1,
+        is_sync_step: bool = True,
+        is_window_start: bool = True,
+        batch_idx: int = 0,
+    ) -> None:
+        self.module = module
+        self.losses = losses
+        self.global_losses = global_losses
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.is_sync_step = is_sync_step
+        self.is_window_start = is_window_start
+        self.batch_idx = batch_idx
+
+    @property
+    def trainer(self) -> pl.Trainer:
+        return self.module.trainer
+
+    @property
+    def world_size(self) -> int:
+        return self.module.trainer.world_size
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.module.task_names
+
+    @property
+    def representation(self) -> Tensor | None:
+        """The tensor ``task_losses`` marked with ``self.shared_representation(z)`` in this step, or ``None``."""
+        return self.module.marked_representation
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """Back-propagate ``loss`` through Lightning (AMP scaling, DDP all-reduce, accumulation scaling)."""
+        self.module.manual_backward(loss / self.accumulate_grad_batches, **kwargs)
+
+    def reduce_mean(self, tensor: Tensor) -> Tensor:
+        """Mean of ``tensor`` over ranks (see :func:`reduce_mean`)."""
+        return reduce_mean(self.module.trainer, tensor)

@@ -50,8 +50,9 @@ def test_strategy_state_is_in_the_checkpoint(tmp_path):
     t.save_checkpoint(tmp_path / "c.ckpt")
     ckpt = torch.load(tmp_path / "c.ckpt", weights_only=True)  # tensors and primitives only
     (state,) = [v for k, v in ckpt["callbacks"].items() if "UncertaintyWeighting" in k]
-    torch.testing.assert_close(state["learnable"]["values"], strategy.params.detach())
-    assert not torch.equal(state["learnable"]["values"], torch.zeros(3)), "log-variances never moved"
+    torch.testing.assert_close(state["state"]["learnable"]["values"], strategy.params.detach())
+    assert state["tasks"] == ["a", "b", "c"] and state["config"]["regularizer"] == "log"
+    assert not torch.equal(state["state"]["learnable"]["values"], torch.zeros(3)), "log-variances never moved"
 
 
 @pytest.mark.parametrize("name", ["dwa", "uncertainty-adam", "rlw"])

@@ -16,6 +16,7 @@ from lightning_mtl.callbacks._report import (
     matrix_table,
     print_rich,
 )
+from lightning_mtl.task_state import take_tasks, task_order
 
 
 def conflict_statistics(J: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -166,8 +167,15 @@ class GradientConflictMonitor(SharedGradientProbe):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.task_names = tuple(state_dict["task_names"])
-        self._sum_cos = state_dict["sum_cos"]
-        self._sum_norms = state_dict["sum_norms"]
+        """Restore by task name: the module's tasks may be in another order, not another set."""
+        saved = tuple(state_dict["task_names"])
+        sum_cos, sum_norms = state_dict["sum_cos"], state_dict["sum_norms"]
+        if self.task_names:  # set up for fit: the running sums follow the module's task order
+            order = task_order(type(self).__name__, saved, self.task_names)
+            sum_cos = None if sum_cos is None else take_tasks(sum_cos, order, (0, 1))
+            sum_norms = None if sum_norms is None else take_tasks(sum_norms, order)
+        else:  # not set up for fit (e.g. validate(ckpt_path=...)): keep the saved order
+            self.task_names = saved
+        self._sum_cos, self._sum_norms = sum_cos, sum_norms
         self._sum_fraction = float(state_dict["sum_fraction"])
         self._count = int(state_dict["count"])

@@ -17,6 +17,7 @@ from lightning_mtl.callbacks._report import (
     matrix_table,
     print_rich,
 )
+from lightning_mtl.task_state import take_tasks, task_order
 
 
 def lookahead_affinity(base_losses: Tensor, lookahead_losses: Tensor) -> Tensor:
@@ -204,8 +205,15 @@ class TaskAffinity(SharedGradientProbe):
         return {"task_names": list(self.task_names), "sum": self._sum, "count": self._count}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.task_names = tuple(state_dict["task_names"])
-        self._sum = state_dict["sum"]
+        """Restore by task name: the module's tasks may be in another order, not another set."""
+        saved = tuple(state_dict["task_names"])
+        total = state_dict["sum"]
+        if self.task_names:  # set up for fit: the running sum follows the module's task order
+            order = task_order(type(self).__name__, saved, self.task_names)
+            total = None if total is None else take_tasks(total, order, (0, 1))
+        else:  # not set up for fit (e.g. validate(ckpt_path=...)): keep the saved order
+            self.task_names = saved
+        self._sum = total
         self._count = int(state_dict["count"])
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+
+from lightning_mtl.task_state import take_tasks
 
 OptimizerChoice = Literal["match", "adam", "sgd"]
 
@@ -125,17 +128,45 @@ class LearnableParameters:
             state["optimizer"] = self._pending_optimizer_state
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], order: Sequence[int] | None = None) -> None:
+        """Restore :meth:`state_dict`; ``order[i]`` is the saved index of entry ``i`` (``None``: the same
+        order). Every per-entry tensor of the private optimizer's state (Adam's moments, SGD's momentum) is
+        reordered with the values."""
         values = state["values"]
         if values.shape != self.param.shape:
             raise ValueError(
                 f"Checkpointed strategy parameters have shape {tuple(values.shape)}, expected "
                 f"{tuple(self.param.shape)}: the checkpoint was written for a different set of tasks."
             )
+        optimizer_state = state.get("optimizer")
+        if order is not None:
+            values = take_tasks(values, order)
+            if optimizer_state is not None:
+                optimizer_state = _reorder_optimizer_state(optimizer_state, order, values.shape)
         with torch.no_grad():
             self.param.copy_(values.to(self.param.device))
-        if "optimizer" in state:
+        if optimizer_state is not None:
             if self.optimizer is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+                self.optimizer.load_state_dict(optimizer_state)
             else:
-                self._pending_optimizer_state = state["optimizer"]
+                self._pending_optimizer_state = optimizer_state
+
+
+def _reorder_optimizer_state(
+    state: dict[str, Any], order: Sequence[int], shape: torch.Size
+) -> dict[str, Any]:
+    """A copy of a one-parameter optimizer ``state_dict`` whose per-entry tensors are reordered."""
+    per_param = {}
+    for key, slots in state.get("state", {}).items():
+        reordered = {}
+        for name, value in slots.items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                if value.shape != shape:
+                    raise ValueError(
+                        f"Cannot reorder the private optimizer's state {name!r} of shape {tuple(value.shape)} "
+                        f"for parameters of shape {tuple(shape)}; resume with the tasks in their saved order."
+                    )
+                value = take_tasks(value, order)
+            reordered[name] = value
+        per_param[key] = reordered
+    return {**state, "state": per_param}

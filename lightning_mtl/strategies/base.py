@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_mtl.step import StepContext
+from lightning_mtl.task_state import task_order
 
 if TYPE_CHECKING:
     from lightning_mtl.task import Task
@@ -119,6 +121,74 @@ class MTLStrategy(Callback):
     def extra_metrics(self) -> dict[str, Tensor]:
         """Method-specific quantities to log at logging steps, keyed by their full log name."""
         return {}
+
+    # ------------------------------------------------------------------ checkpoint state, keyed by task name
+    def state_config(self) -> dict[str, Any]:
+        """The hyper-parameters that give :meth:`task_state` its meaning (primitives; per-task values as a
+        ``{task: value}`` dict). A checkpoint saved under another configuration is refused on loading."""
+        return {}
+
+    def task_state(self) -> dict[str, Any]:
+        """The state to checkpoint (tensors and primitives), per-task entries in the current task order."""
+        return {}
+
+    def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
+        """Restore :meth:`task_state`; ``order[i]`` is the index in ``state`` of current task ``i`` (see
+        :func:`~lightning_mtl.task_state.take_tasks`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"tasks": [names], "config": state_config(), "state": task_state()}``."""
+        if self._task_names is None:
+            return {"tasks": None, "config": {}, "state": {}}
+        return {"tasks": list(self._task_names), "config": self.state_config(), "state": self.task_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` by task name; a different task set or configuration is an error.
+
+        Lightning calls it after ``setup``, so the strategy is bound to the module's tasks. A checkpoint
+        written by lightning-mtl 0.1 (no task names) is restored by position, with a warning, when its
+        per-task state has one entry per current task.
+        """
+        owner = type(self).__name__
+        if "tasks" not in state_dict or "state" not in state_dict:
+            self._load_unnamed_state(state_dict)
+            return
+        state = state_dict["state"]
+        if not state:
+            return  # nothing was saved (a strategy without state, or one never attached)
+        self._require_bound()
+        order = task_order(
+            owner, state_dict["tasks"], self.task_names, state_dict.get("config"), self.state_config()
+        )
+        self.load_task_state(state, order)
+
+    def _require_bound(self) -> None:
+        if self._task_names is None:
+            raise RuntimeError(
+                f"{type(self).__name__} state can only be loaded once the strategy is attached to a "
+                "MultiTaskModule (Lightning restores callback state after setup): pass the checkpoint to "
+                "trainer.fit(..., ckpt_path=...)."
+            )
+
+    def _load_unnamed_state(self, state: dict[str, Any]) -> None:
+        """A 0.1 checkpoint: its state has the layout of :meth:`task_state` but no task names."""
+        if not state:
+            return
+        self._require_bound()
+        owner, tasks = type(self).__name__, list(self.task_names)
+        try:
+            self.load_task_state(state, list(range(len(tasks))))
+        except ValueError as err:
+            raise ValueError(
+                f"{owner}: the checkpoint's state was written without task names (lightning-mtl 0.1) and does "
+                f"not fit the module's {len(tasks)} tasks {tasks}: {err} Resume with the tasks of the run "
+                "that wrote it, in the same order, or start a new fit without ckpt_path."
+            ) from err
+        rank_zero_warn(
+            f"{owner}: the checkpoint's state was written without task names (lightning-mtl 0.1); it was "
+            f"restored by position, assuming the module's tasks {tasks} are those of the run that wrote it, "
+            "in the same order. Save a new checkpoint to store the task names."
+        )
 
 
 def check_single_strategy(trainer: pl.Trainer) -> MTLStrategy | None:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_mtl.functional.loss_weighting import dwa_weights
 from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.task_state import take_tasks
 
 
 class DWA(LossWeighting):
@@ -77,15 +78,18 @@ class DWA(LossWeighting):
     def weights_tensor(self) -> Tensor | None:
         return self._epoch_weights if self._epoch_weights is not None else self._weights
 
-    def state_dict(self) -> dict[str, Any]:
+    # The temperature is not part of the state's configuration: the state holds loss averages, which mean the
+    # same under any τ; a resumed run may change τ as it may change the learning rate.
+    def task_state(self) -> dict[str, Any]:
         return {
             "sum": None if self._sum is None else self._sum.cpu(),
             "count": self._count,
             "history": [h.cpu() for h in self._history],
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._sum = state_dict["sum"]
-        self._count = int(state_dict["count"])
-        self._history = list(state_dict["history"])
+    def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
+        total = state["sum"]
+        total = None if total is None else take_tasks(total, order)
+        history = [take_tasks(h, order) for h in state["history"]]
+        self._sum, self._count, self._history = total, int(state["count"]), history
         self._epoch_weights = None

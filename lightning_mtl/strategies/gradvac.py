@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from lightning_mtl.functional.gradient_methods import gradvac_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
+from lightning_mtl.task_state import take_tasks
 
 
 class GradVac(GradientWeighting):
@@ -68,15 +69,21 @@ class GradVac(GradientWeighting):
         self._targets = targets.detach().cpu().double()
         return weights
 
+    def method_config(self) -> dict[str, Any]:
+        """The targets are cosines of the chosen ``mode``'s gradients; ``beta`` and ``eps`` change how they move,
+        not what they mean."""
+        return {"mode": self.mode}
+
     def method_state(self) -> dict[str, Any]:
         return {"targets": None if self._targets is None else self._targets.clone()}
 
-    def load_method_state(self, state: Mapping[str, Any]) -> None:
+    def load_method_state(self, state: Mapping[str, Any], order: Sequence[int] | None = None) -> None:
+        """Restore :meth:`method_state`; ``order[i]`` is the saved index of task ``i`` (``None``: same order).
+        The ``[T, T]`` targets are reordered on both dimensions."""
         targets = state.get("targets")
-        T = None if self._task_names is None else self.num_tasks
-        if targets is not None and T is not None and targets.shape != (T, T):
-            raise ValueError(
-                f"GradVac: checkpointed targets have shape {tuple(targets.shape)}, expected "
-                f"[{T}, {T}]: the checkpoint was written for other tasks."
-            )
-        self._targets = None if targets is None else targets.detach().cpu().double().clone()
+        if targets is not None:
+            targets = targets.detach().cpu().double()
+            if order is None and self._task_names is not None:
+                order = range(self.num_tasks)
+            targets = targets.clone() if order is None else take_tasks(targets, order, (0, 1)).clone()
+        self._targets = targets

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_mtl.functional.gradient_methods import nash_mtl_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
+from lightning_mtl.task_state import take_tasks
 
 
 class NashMTL(GradientWeighting):
@@ -92,10 +93,21 @@ class NashMTL(GradientWeighting):
             return torch.ones_like(alpha)
         return self._alpha.to(stat.device, stat.dtype)
 
+    def method_config(self) -> dict[str, Any]:
+        """``α`` solves the bargaining problem on the Gramian of the chosen ``mode``'s gradients; ``tol``,
+        ``optim_niter``, ``max_norm`` and ``update_every`` change how it is computed and used, not its meaning."""
+        return {"mode": self.mode}
+
     def method_state(self) -> dict[str, Any]:
         return {"alpha": None if self._alpha is None else self._alpha.clone(), "failures": self._failures}
 
-    def load_method_state(self, state: Mapping[str, Any]) -> None:
+    def load_method_state(self, state: Mapping[str, Any], order: Sequence[int] | None = None) -> None:
+        """Restore :meth:`method_state`; ``order[i]`` is the saved index of task ``i`` (``None``: same order)."""
         alpha = state.get("alpha")
-        self._alpha = None if alpha is None else alpha.detach().cpu().double().clone()
+        if alpha is not None:
+            alpha = alpha.detach().cpu().double()
+            if order is None and self._task_names is not None:
+                order = range(self.num_tasks)
+            alpha = alpha.clone() if order is None else take_tasks(alpha, order).clone()
+        self._alpha = alpha
         self._failures = int(state.get("failures", 0))

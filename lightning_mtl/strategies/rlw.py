@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_mtl.functional.loss_weighting import RandomDistribution, random_weights
 from lightning_mtl.strategies._loss_based import LossWeighting
 from lightning_mtl.strategies.base import StepContext, global_seed
+from lightning_mtl.task_state import take_tasks
 
 
 class RLW(LossWeighting):
@@ -55,10 +56,14 @@ class RLW(LossWeighting):
         self.concentration = float(concentration)
         self.seed = seed
         self._generator: torch.Generator | None = None
+        #: ``_draw[i]``: which entry of each draw goes to task ``i`` (``None``: entry ``i``); set when a
+        #: checkpoint is resumed with the tasks in another order
+        self._draw: list[int] | None = None
 
     def reset_state(self) -> None:
         super().reset_state()
         self._generator = None  # setup() seeds a fresh one: a new run draws the same weights as a new RLW
+        self._draw = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -72,19 +77,37 @@ class RLW(LossWeighting):
     def compute_weights(self, losses: Tensor) -> Tensor:
         if self._weights is None or self._window_start:
             assert self._generator is not None
-            self._weights = random_weights(
-                self.num_tasks, self._generator, self.distribution, self.concentration
-            )
+            drawn = random_weights(self.num_tasks, self._generator, self.distribution, self.concentration)
+            self._weights = drawn if self._draw is None else take_tasks(drawn, self._draw)
         return self._weights.to(losses.device)
 
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"weights": None if self._weights is None else self._weights.cpu()}
+    def state_config(self) -> dict[str, Any]:
+        """The distribution the weights (and the generator's next draws) come from."""
+        config: dict[str, Any] = {"distribution": self.distribution}
+        if self.distribution == "dirichlet":
+            config["concentration"] = self.concentration
+        return config
+
+    def task_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "weights": None if self._weights is None else self._weights.cpu(),
+            "draw": list(range(self.num_tasks)) if self._draw is None else list(self._draw),
+        }
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "generator" in state_dict:
+    def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
+        weights = state.get("weights")
+        weights = None if weights is None else take_tasks(weights, order)
+        saved_draw = state.get("draw", list(range(len(order))))
+        if len(saved_draw) != len(order):
+            raise ValueError(f"RLW: the saved draw order {saved_draw} does not have one entry per task.")
+        # the task that took draw k before the resume still takes it: a resumed run with reordered tasks draws
+        # the same weights per task as the uninterrupted run
+        draw = [int(saved_draw[j]) for j in order]
+        if "generator" in state:
             self._generator = torch.Generator()
-            self._generator.set_state(state_dict["generator"])
-        self._weights = state_dict.get("weights")
+            self._generator.set_state(state["generator"])
+        self._weights = weights
+        self._draw = None if draw == list(range(len(draw))) else draw

@@ -172,13 +172,17 @@ class UncertaintyWeighting(LossWeighting):
         p = self._learnable.param.detach()
         return {f"train/uncertainty/{name}/{t}": p[i] for i, t in enumerate(self.task_names)}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_config(self) -> dict[str, Any]:
+        """The regulariser (``sᵢ`` or ``cᵢ``) and each task's kind (its factor ``cᵢ``) give the parameters their
+        meaning; ``init``, ``bounds``, ``optimizer`` and ``lr`` only shape the trajectory."""
+        assert self._tasks is not None
+        kinds = {t.name: self.task_kinds.get(t.name, t.kind) for t in self._tasks}
+        return {"regularizer": self.regularizer, "task_kinds": kinds}
+
+    def task_state(self) -> dict[str, Any]:
         return {} if self._learnable is None else {"learnable": self._learnable.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "learnable" in state_dict:
-            if self._learnable is None:
-                raise RuntimeError(
-                    "UncertaintyWeighting state can only be loaded after it is attached (setup)."
-                )
-            self._learnable.load_state_dict(state_dict["learnable"])
+    def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
+        if "learnable" in state:
+            assert self._learnable is not None, "bind() builds the parameters before a state is loaded"
+            self._learnable.load_state_dict(state["learnable"], order)

@@ -1,26 +1,44 @@
-"""`MultiTaskModule`: the manual optimisation loop every strategy plugs into."""
+"""`MultiTaskModule`: the manual optimisation loop every strategy plugs into.
+
+Its helpers live next to it: :mod:`lightning_mtl.nonfinite` (the NaN/inf policy), :mod:`lightning_mtl.schedulers`
+(LR schedulers under manual optimisation), :mod:`lightning_mtl.evaluation` (per-task evaluation losses) and
+:mod:`lightning_mtl._lightning` (every use of Lightning's private API).
+"""
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_mtl import _lightning
 from lightning_mtl._logging import add_tensorboard_layout
+from lightning_mtl.evaluation import (
+    EvalLosses,
+    batch_size,
+    log_eval_losses,
+    log_task_metrics,
+    num_eval_dataloaders,
+)
+from lightning_mtl.losses import stack_losses
 from lightning_mtl.metrics import TaskMetrics, split_task_output
+from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
+from lightning_mtl.schedulers import (
+    step_schedulers,
+    wrap_configure_optimizers,
+    wrap_instance_configure_optimizers,
+)
 from lightning_mtl.step import StepContext, reduce_mean
 from lightning_mtl.strategies.base import MTLStrategy, check_single_strategy
 from lightning_mtl.task import Task, build_tasks
 
-NonFinitePolicy = Literal["raise", "skip"]
+__all__ = ["MultiTaskModule", "NonFinitePolicy"]
 
 
 class MultiTaskModule(pl.LightningModule):
@@ -31,7 +49,8 @@ class MultiTaskModule(pl.LightningModule):
     (:class:`~lightning_mtl.strategies.EqualWeighting`, or the :attr:`Task.weight` values when some differ
     from 1). The module runs the optimisation itself (manual optimisation): the strategy turns the losses
     into gradients, then the module clips, steps the optimizer(s), zeroes the gradients and steps the LR
-    schedulers. Do not override ``training_step``.
+    schedulers. Put all per-step work in :meth:`task_losses`: overriding ``training_step`` is refused when a fit
+    starts (it would replace the loop, and nothing would train).
 
     Args:
         tasks: task names or :class:`~lightning_mtl.Task` specs; their order is the order of every weight
@@ -41,9 +60,11 @@ class MultiTaskModule(pl.LightningModule):
         gradient_clip_val: clip gradients to this norm/value before each optimizer step (on unscaled
             gradients under AMP). ``None`` disables clipping. Set it here, not on the Trainer.
         gradient_clip_algorithm: ``"norm"`` (total 2-norm per optimizer) or ``"value"``.
-        nonfinite: what a NaN/inf task loss does: ``"raise"`` (default) stops with an error naming the task
-            and the value; ``"skip"`` warns, discards that accumulation window's gradients and skips its
-            optimizer step (all ranks agree, since the check runs on rank-averaged losses).
+        nonfinite: what a NaN/inf task loss or gradient does: ``"raise"`` (default) stops with an error naming
+            the batch, the task (or parameter) and the value; ``"skip"`` warns, discards that accumulation
+            window's gradients and skips its optimizer step (all ranks agree).
+        max_consecutive_skips: with ``nonfinite="skip"``, stop with an error naming the tasks after this many
+            optimizer steps in a row were skipped (a task NaN on every batch would otherwise never train).
     """
 
     def __init__(
@@ -54,6 +75,7 @@ class MultiTaskModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         nonfinite: NonFinitePolicy = "raise",
+        max_consecutive_skips: int = 25,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -76,19 +98,15 @@ class MultiTaskModule(pl.LightningModule):
             raise ValueError(
                 f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}."
             )
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+        self._nonfinite = NonFiniteGuard(nonfinite, max_consecutive_skips, self.task_names)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.nonfinite = nonfinite
-        self._name_set = frozenset(self.task_names)
+        self.max_consecutive_skips = max_consecutive_skips
         self._strategy: MTLStrategy | None = None
         self._strategy_trainer: Any = None
-        self._window_discarded = False
-        self._skipped_windows = 0
-        self._eval_sums: Tensor | None = None
-        self._eval_count: Tensor | None = None
+        self._eval_losses = EvalLosses(len(self.task_names))
         # --- per-task metrics (lightning_mtl.metrics): None when no task declares metrics ---
         self.task_metrics: TaskMetrics | None = (
             TaskMetrics(self.tasks) if any(t.metrics is not None for t in self.tasks) else None
@@ -97,17 +115,10 @@ class MultiTaskModule(pl.LightningModule):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # Lightning drops a scheduler dict's "interval"/"monitor"/"strict" in manual optimisation; the module
-        # steps schedulers itself, so it records them from what configure_optimizers returns.
-        original = cls.__dict__.get("configure_optimizers")
-        if original is not None and not getattr(original, "_mtl_wrapped", False):
-
-            @functools.wraps(original)
-            def configure_optimizers(self: MultiTaskModule, *args: Any, **kw: Any) -> Any:
-                return self._record_schedulers(original(self, *args, **kw))
-
-            configure_optimizers._mtl_wrapped = True  # type: ignore[attr-defined]
-            cls.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+        # Lightning drops a scheduler dict's "monitor"/"strict" in manual optimisation; the module steps the
+        # schedulers itself, so it records them from what configure_optimizers returns (lightning_mtl.schedulers)
+        if "configure_optimizers" in cls.__dict__:
+            cls.configure_optimizers = wrap_configure_optimizers(cls.__dict__["configure_optimizers"])  # type: ignore[method-assign]
 
     # ================================================================== user API
     def task_losses(self, batch: Any, batch_idx: int) -> Any:
@@ -156,7 +167,7 @@ class MultiTaskModule(pl.LightningModule):
     @property
     def skipped_steps(self) -> int:
         """How many accumulation windows were discarded for non-finite losses (``nonfinite="skip"``)."""
-        return self._skipped_windows
+        return self._nonfinite.skipped
 
     # ================================================================== strategy resolution
     def _active_strategy(self) -> MTLStrategy:
@@ -178,69 +189,58 @@ class MultiTaskModule(pl.LightningModule):
             add_tensorboard_layout(trainer)
         return strategy
 
+    # ================================================================== checks when a fit starts
+    @override
+    def configure_callbacks(self) -> Sequence[pl.Callback] | pl.Callback:
+        """No callbacks; checks the Trainer's configuration before Lightning does (the first hook of a run).
+        Call ``super()`` if you override it."""
+        self._check_fit_configuration()
+        return []
+
+    @override
     def setup(self, stage: str) -> None:
+        """Checks the strategy callbacks and the fit's configuration. Call ``super()`` if you override it."""
         if self._trainer is not None:
             check_single_strategy(self._trainer)
+            self._check_fit_configuration()
+
+    def _check_fit_configuration(self) -> None:
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        if type(self).training_step is not MultiTaskModule.training_step:
+            raise TypeError(
+                f"{type(self).__name__} overrides training_step: a MultiTaskModule's training_step is its "
+                "optimisation loop (manual optimisation: what an override returns is ignored and nothing "
+                "trains). Remove the override and compute the step's losses in task_losses(batch, batch_idx) "
+                "(log extra values there with self.log)."
+            )
+        for flag, value, fine in (
+            ("gradient_clip_val", trainer.gradient_clip_val, not trainer.gradient_clip_val),
+            (
+                "accumulate_grad_batches",
+                trainer.accumulate_grad_batches,
+                trainer.accumulate_grad_batches == 1,
+            ),
+        ):
+            if not fine:
+                raise ValueError(
+                    f"Trainer({flag}={value!r}) does not apply to a MultiTaskModule: it optimises manually, "
+                    f"where Lightning rejects the flag. Remove it from the Trainer and pass it to the module: "
+                    f"MultiTaskModule(tasks=..., {flag}={value!r}) (forward it from your __init__, e.g. "
+                    f"super().__init__(tasks=..., {flag}={value!r}))."
+                )
+        wrap_instance_configure_optimizers(self)  # e.g. LightningCLI's (lightning_mtl.schedulers)
 
     # ================================================================== validation of user output
     def _stack_losses(self, losses: Any, stage: str, training: bool) -> Tensor:
-        """Check ``task_losses``' output and stack it in task order: ``[T]`` float32."""
-        if not isinstance(losses, Mapping):
-            raise TypeError(
-                f"task_losses must return a mapping task name -> scalar loss tensor, got {type(losses).__name__}. "
-                f"Return e.g. {{{', '.join(repr(n) + ': loss' for n in self.task_names)}}}."
-            )
-        if losses.keys() != self._name_set:
-            unknown = sorted(set(losses) - self._name_set, key=str)
-            missing = [n for n in self.task_names if n not in losses]
-            parts = []
-            if unknown:
-                parts.append(f"unknown task(s) {unknown}")
-            if missing:
-                parts.append(f"missing task(s) {missing}")
-            raise KeyError(
-                f"task_losses returned {' and '.join(parts)} during {stage}; the module's tasks are "
-                f"{list(self.task_names)}. Return exactly one loss per task (declare new tasks in tasks=[...])."
-            )
-        values = []
-        for name in self.task_names:
-            value = losses[name]
-            if not isinstance(value, Tensor):
-                raise TypeError(
-                    f"task {name!r}: loss must be a torch.Tensor, got {type(value).__name__} ({value!r}) during "
-                    f"{stage}. Return the loss tensor itself, not loss.item()."
-                )
-            if value.ndim != 0:
-                raise ValueError(
-                    f"task {name!r}: loss must be a scalar (0-dim) tensor, got shape {tuple(value.shape)} during "
-                    f"{stage}. Reduce it to one number, e.g. loss.mean()."
-                )
-            if not value.is_floating_point():
-                raise TypeError(
-                    f"task {name!r}: loss must be a floating-point tensor, got dtype {value.dtype}."
-                )
-            if training and not value.requires_grad:
-                raise ValueError(
-                    f"task {name!r}: the loss does not require grad (value {float(value):.6g}): it is detached from "
-                    "the model, so it cannot train it. Compute it from the model's outputs without .detach(), "
-                    "torch.no_grad() or .item()."
-                )
-            values.append(value if value.dtype == torch.float32 else value.float())
-        return torch.stack(values)
-
-    def _nonfinite_message(self, local: Tensor, global_: Tensor, stage: str, batch_idx: int) -> str:
-        local_values, global_values = local.tolist(), global_.tolist()
-        bad = []
-        for i, name in enumerate(self.task_names):
-            if not math.isfinite(global_values[i]) or not math.isfinite(local_values[i]):
-                where = f"{local_values[i]}" + (
-                    f" on this rank, {global_values[i]} averaged over ranks" if local is not global_ else ""
-                )
-                bad.append(f"task {name!r} loss is {where}")
-        return f"Non-finite loss at {stage} batch {batch_idx} (epoch {self.current_epoch}): " + "; ".join(bad)
+        """Check ``task_losses``' output and stack it in task order: ``[T]`` float32 (:mod:`lightning_mtl.losses`)."""
+        return stack_losses(losses, self.task_names, self.device, stage, training)
 
     # ================================================================== training
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        """The optimisation loop (do not override; see :meth:`task_losses`)."""
         trainer = self.trainer
         strategy = self._active_strategy()
         k = self.accumulate_grad_batches
@@ -251,18 +251,9 @@ class MultiTaskModule(pl.LightningModule):
         stacked = self._stack_losses(losses, "training", training=True)
         detached = stacked.detach()
         global_losses = reduce_mean(trainer, detached)
-        if not bool(torch.isfinite(global_losses).all()):
-            message = self._nonfinite_message(detached, global_losses, "training", batch_idx)
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    message
-                    + ". Fix the loss (check inputs, learning rate, log of zero) or construct the module "
-                    "with nonfinite='skip' to skip such steps."
-                )
-            rank_zero_warn(message + "; skipping this optimizer step (nonfinite='skip').")
-            self._window_discarded = True
+        self._nonfinite.check_losses(detached, global_losses, "training", batch_idx, self.current_epoch)
 
-        if not self._window_discarded:
+        if not self._nonfinite.window_discarded:
             ctx = StepContext(self, stacked, global_losses, k, is_sync, position == 0, batch_idx)
             # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
             if self.task_metrics is not None:
@@ -277,26 +268,28 @@ class MultiTaskModule(pl.LightningModule):
         self._shared_representation = None  # do not keep this step's graph alive
 
         if is_sync:
-            if self._window_discarded:
-                for opt in self._optimizer_list():
-                    opt.zero_grad(set_to_none=True)
-                strategy.on_accumulation_window_discarded(self)
-                self._skipped_windows += 1
-                self._window_discarded = False
-            else:
-                self._optimizer_step(strategy)
-        self._log_training(strategy, global_losses)
+            self._end_window(strategy, batch_idx)
+        self._log_training(strategy, global_losses, batch_idx)
 
     def _optimizer_list(self) -> list[Any]:
         opts = self.optimizers()
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
-    def _grad_scaler(self) -> torch.amp.GradScaler | None:
-        return getattr(self.trainer.precision_plugin, "scaler", None)
-
-    def _optimizer_step(self, strategy: MTLStrategy) -> None:
-        optimizers = self._optimizer_list()
-        scaler = self._grad_scaler()
+    def _end_window(self, strategy: MTLStrategy, batch_idx: int) -> None:
+        """Step the optimizers, or discard the window (non-finite loss or gradient under ``nonfinite="skip"``)."""
+        guard, optimizers = self._nonfinite, self._optimizer_list()
+        scaler: torch.amp.GradScaler | None = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not guard.window_discarded and scaler is None:  # with a GradScaler, inf/NaN gradients are its job
+            params = [
+                p for opt in optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None
+            ]
+            guard.check_gradients(self, params, batch_idx, self.current_epoch, self.accumulate_grad_batches)
+        if guard.window_discarded:
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            strategy.on_accumulation_window_discarded(self)
+            guard.window_skipped(batch_idx, self.current_epoch)
+            return
         if scaler is not None and len(optimizers) > 1:
             raise RuntimeError(
                 f"precision='16-mixed' with {len(optimizers)} optimizers: Lightning's GradScaler would update its "
@@ -309,9 +302,11 @@ class MultiTaskModule(pl.LightningModule):
         skipped = scaler is not None and scaler.get_scale() < scale_before
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        guard.window_stepped()
         strategy.on_optimizer_step(self, skipped)
-        self._step_schedulers("step")
+        step_schedulers(self, "step")
 
+    @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clips gradients (already unscaled under AMP). Call ``super()`` if you override it."""
         if self.gradient_clip_val is not None:
@@ -321,85 +316,14 @@ class MultiTaskModule(pl.LightningModule):
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
 
-    def _record_schedulers(self, output: Any) -> Any:
-        """Record (and strip) the scheduler-dict keys Lightning ignores in manual optimisation."""
-        specs = self.__dict__.setdefault("_scheduler_specs", {})
-        ignored = ("interval", "monitor", "strict", "reduce_on_plateau")
-
-        def strip(config: Any) -> Any:
-            if not isinstance(config, Mapping) or "scheduler" not in config:
-                return config
-            if any(k in config for k in ignored):
-                specs[id(config["scheduler"])] = {
-                    "interval": config.get("interval", "epoch"),
-                    "monitor": config.get("monitor"),
-                    "strict": config.get("strict", True),
-                }
-            return {k: v for k, v in config.items() if k not in ignored}
-
-        def visit(item: Any) -> Any:
-            if isinstance(item, Mapping) and "optimizer" in item:
-                out = dict(item)
-                if "lr_scheduler" in out:
-                    out["lr_scheduler"] = strip(out["lr_scheduler"])
-                if "monitor" in out:  # top-level monitor applies to the (single) scheduler
-                    sched = out.get("lr_scheduler")
-                    sched_obj = sched.get("scheduler") if isinstance(sched, Mapping) else sched
-                    if sched_obj is not None:
-                        specs.setdefault(id(sched_obj), {"interval": "epoch", "strict": True})["monitor"] = (
-                            out["monitor"]
-                        )
-                    out.pop("monitor")
-                return out
-            return strip(item)
-
-        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], (list, tuple)):
-            return output[0], [visit(s) for s in output[1]]
-        if isinstance(output, (list, tuple)):
-            return type(output)(visit(o) for o in output)
-        return visit(output)
-
-    def _step_schedulers(self, interval: str) -> None:
-        configs = self.trainer.lr_scheduler_configs
-        if not configs:
-            return
-        specs = self.__dict__.get("_scheduler_specs", {})
-        n_opt = max(1, len(self.trainer.optimizers))
-        counter = self.trainer.global_step // n_opt if interval == "step" else self.current_epoch + 1
-        for config in configs:
-            spec = specs.get(id(config.scheduler), {})
-            if spec.get("interval", "epoch") != interval or counter % config.frequency != 0:
-                continue
-            metric = None
-            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                monitor = spec.get("monitor")
-                if monitor is None:
-                    raise ValueError(
-                        "ReduceLROnPlateau needs a metric to monitor: return {'optimizer': opt, 'lr_scheduler': "
-                        "{'scheduler': sched, 'monitor': 'val/loss'}} from configure_optimizers."
-                    )
-                metric = self.trainer.callback_metrics.get(monitor)
-                if metric is None:
-                    if spec.get("strict", True):
-                        available = sorted(self.trainer.callback_metrics)
-                        raise KeyError(
-                            f"ReduceLROnPlateau monitors {monitor!r}, which was not logged; available: "
-                            f"{available}. Set 'monitor' in configure_optimizers to one of them."
-                        )
-                    rank_zero_warn(f"ReduceLROnPlateau monitor {monitor!r} not logged yet; not stepping.")
-                    continue
-            self.lr_scheduler_step(config.scheduler, metric)
-
+    @override
     def on_train_epoch_end(self) -> None:
         """Logs ``train/<task>/<metric>``, steps epoch-interval LR schedulers. Call ``super()`` if overridden."""
-        self._log_task_metrics("train", {})  # --- per-task metrics (lightning_mtl.metrics) ---
-        self._step_schedulers("epoch")
+        log_task_metrics(self, "train", {})
+        step_schedulers(self, "epoch")
 
-    def _should_log(self) -> bool:
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
-
-    def _log_training(self, strategy: MTLStrategy, global_losses: Tensor) -> None:
+    def _log_training(self, strategy: MTLStrategy, global_losses: Tensor, batch_idx: int) -> None:
+        trainer = self.trainer
         total = strategy.objective(global_losses)
         # every step, for the progress bar and callbacks; written to the loggers below on logging steps
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=1, logger=False)
@@ -413,38 +337,20 @@ class MultiTaskModule(pl.LightningModule):
         weights = strategy.weights_tensor()
         if weights is not None:
             metrics.update(zip(keys[1], weights.detach().unbind()))
-        to_loggers = self._should_log()
+        # the Trainer's logging steps, plus the first step of a run and the last of every epoch: a short run
+        # (fewer steps than log_every_n_steps) still shows every series
+        to_loggers = _lightning.should_update_logs(trainer) or (
+            trainer.log_every_n_steps > 0
+            and (bool(trainer.is_last_batch) or (trainer.global_step == 0 and batch_idx == 0))
+        )
         if to_loggers:  # method-specific quantities may cost something to build: logging steps only
             metrics.update(strategy.extra_metrics())
-            if self._skipped_windows:
-                metrics["train/skipped_steps"] = torch.tensor(float(self._skipped_windows))
-        self._write_step_metrics(metrics, to_loggers)
-
-    def _write_step_metrics(self, metrics: dict[str, Tensor], to_loggers: bool) -> None:
-        """Put per-step values in ``trainer.callback_metrics`` (every step, as ``self.log(on_step=True)`` would)
-        and, when ``to_loggers``, write them straight to the Trainer's loggers at the step Lightning uses for
-        its own training logs (also updating ``trainer.logged_metrics``).
-
-        ``self.log`` costs ~0.3 ms per key (Lightning's result collection), i.e. ~6 ms per step for ``2T + 1``
-        keys at T = 10; this path costs a dict update, plus one host transfer on logging steps.
-        """
-        connector = getattr(self.trainer, "_logger_connector", None)
-        callback_metrics = getattr(connector, "_callback_metrics", None)
-        if (
-            connector is None
-            or not hasattr(connector, "log_metrics")
-            or not isinstance(callback_metrics, dict)
-        ):
-            if to_loggers:  # Lightning internals changed: fall back to the public (slower) API
-                self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-            return
-        detached = {k: v.detach() for k, v in metrics.items()}
-        callback_metrics.update(detached)
-        if to_loggers and self.trainer.loggers:
-            values = torch.stack([v.reshape(()).float() for v in detached.values()]).tolist()  # one sync
-            connector.log_metrics(dict(zip(detached, values)))
+            if self._nonfinite.skipped:
+                metrics["train/skipped_steps"] = torch.tensor(float(self._nonfinite.skipped))
+        _lightning.write_step_metrics(self, metrics, to_loggers)
 
     # ================================================================== validation / test
+    @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Mapping[str, Tensor]:
         """Accumulates per-task losses for ``val/loss/<task>``; returns the losses (call it via ``super()``).
 
@@ -453,6 +359,7 @@ class MultiTaskModule(pl.LightningModule):
         """
         return self._eval_step(batch, batch_idx, "val", dataloader_idx)
 
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Mapping[str, Tensor]:
         """Accumulates per-task losses for ``test/loss/<task>`` (per dataloader, as in validation)."""
         return self._eval_step(batch, batch_idx, "test", dataloader_idx)
@@ -464,117 +371,32 @@ class MultiTaskModule(pl.LightningModule):
         stacked = self._stack_losses(
             losses, "validation" if stage == "val" else stage, training=False
         ).detach()
-        if not bool(torch.isfinite(stacked).all()):
-            message = self._nonfinite_message(stacked, stacked, stage, batch_idx)
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    message + ". Fix the loss, or use nonfinite='skip' to leave such batches out."
-                )
-            rank_zero_warn(message + "; leaving this batch out of the epoch average (nonfinite='skip').")
-            return losses
-        size = float(_batch_size(batch))
-        # [num dataloaders, T + 1]: per-task sums of loss x batch size, then the sample count
-        sums = self._eval_buffer(stage, dataloader_idx, stacked.device)
-        sums[dataloader_idx, :-1] += stacked.double() * size
-        sums[dataloader_idx, -1] += size
+        if not self._nonfinite.check_losses(stacked, stacked, stage, batch_idx, self.current_epoch):
+            return losses  # nonfinite='skip': left out of the epoch average
+        count = num_eval_dataloaders(self._trainer, stage)
+        self._eval_losses.add(stacked, float(batch_size(batch)), dataloader_idx, count)
         if self.task_metrics is not None:  # --- per-task metrics (lightning_mtl.metrics) ---
             self.task_metrics.update(stage, outputs, dataloader_idx)
         return losses
 
-    def _num_eval_dataloaders(self, stage: str) -> int:
-        trainer = self._trainer
-        counts = None
-        if trainer is not None:
-            counts = (
-                trainer.num_sanity_val_batches
-                if trainer.sanity_checking
-                else (trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
-            )
-        return max(1, len(counts)) if isinstance(counts, (list, tuple)) else 1
-
-    def _eval_buffer(self, stage: str, dataloader_idx: int, device: torch.device) -> Tensor:
-        rows = max(self._num_eval_dataloaders(stage), dataloader_idx + 1)
-        sums = self._eval_sums
-        if sums is None or sums.device != device or sums.shape[0] < rows:
-            grown = torch.zeros(rows, len(self.task_names) + 1, dtype=torch.float64, device=device)
-            if sums is not None:
-                grown[: sums.shape[0]] = sums.to(device)
-            self._eval_sums = sums = grown
-        return sums
-
-    def _reset_eval(self) -> None:
-        self._eval_sums, self._eval_count = None, None
-
-    def _log_eval(self, stage: str) -> None:
-        # every rank takes part in the reduction, even one whose batches were all left out (nonfinite='skip')
-        packed = self._eval_buffer(
-            stage, 0, self._eval_sums.device if self._eval_sums is not None else self.device
-        )
-        if self.trainer.world_size > 1:
-            packed = self.trainer.strategy.reduce(packed.clone(), reduce_op="sum")
-        self._reset_eval()
-        several = packed.shape[0] > 1
-        for idx in range(packed.shape[0]):
-            count = packed[idx, -1]
-            if not bool(count > 0):
-                continue
-            means = (packed[idx, :-1] / count).float()
-            suffix = f"/dataloader_idx_{idx}" if several else ""
-            metrics = {f"{stage}/loss/{n}{suffix}": v for n, v in zip(self.task_names, means.unbind())}
-            metrics[f"{stage}/loss{suffix}"] = means.sum()
-            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, add_dataloader_idx=False)
-            self._log_task_metrics(
-                stage, {f"{n}/loss": v for n, v in zip(self.task_names, means.unbind())}, idx, suffix
-            )
-
-    # --- per-task metrics (lightning_mtl.metrics) ---------------------------------------------------------
-    def _log_task_metrics(
-        self, stage: str, losses: dict[str, Tensor], dataloader_idx: int = 0, suffix: str = ""
-    ) -> None:
-        """Compute (synchronised by torchmetrics), log ``<stage>/<task>/<metric>``, reset, and hand the values
-        (plus the epoch's ``<task>/loss``) to callbacks defining ``on_task_metrics`` (e.g. ``DeltaM``); with
-        several dataloaders, only the first one's values go to those callbacks."""
-        values = self.task_metrics.compute(stage, dataloader_idx) if self.task_metrics is not None else {}
-        if values:
-            self.log_dict(
-                {f"{stage}/{k}{suffix}": v for k, v in values.items()},
-                on_step=False,
-                on_epoch=True,
-                batch_size=1,
-                add_dataloader_idx=False,
-            )
-        values.update(losses)
-        if values and dataloader_idx == 0:
-            for cb in _callbacks_with(self.trainer, "on_task_metrics"):
-                cb.on_task_metrics(self.trainer, self, stage, values)
-
-    # --- end per-task metrics -----------------------------------------------------------------------------
-
+    @override
     def on_validation_epoch_start(self) -> None:
-        self._reset_eval()
+        self._eval_losses.reset()
 
+    @override
     def on_validation_epoch_end(self) -> None:
         """Logs ``val/loss/<task>`` and ``val/loss`` (the unweighted sum). Call ``super()`` if overridden."""
-        self._log_eval("val")
+        log_eval_losses(self, self._eval_losses, "val")
 
+    @override
     def on_test_epoch_start(self) -> None:
-        self._reset_eval()
+        self._eval_losses.reset()
 
+    @override
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        log_eval_losses(self, self._eval_losses, "test")
 
 
 def _callbacks_with(trainer: Any, hook: str) -> list[Any]:
     """The trainer's callbacks that define ``hook`` (the module's hooks for metrics and diagnostics callbacks)."""
     return [cb for cb in trainer.callbacks if hasattr(cb, hook)]
-
-
-def _batch_size(batch: Any) -> int:
-    from lightning.pytorch.utilities.data import extract_batch_size
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return int(extract_batch_size(batch))
-    except Exception:
-        return 1

@@ -1,0 +1,120 @@
+"""Epoch-end values of :class:`~lightning_mtl.MultiTaskModule`: per-task evaluation losses and per-task metrics.
+
+The evaluation loss of a task is the dataset mean of its loss, per dataloader, over every rank: one float64
+buffer ``[dataloaders, T + 1]`` holds the sums of ``loss x batch size`` and the sample count; at epoch end it is
+summed over ranks in one all-reduce and turned into means. Per-task metrics are computed (and synchronised) by
+torchmetrics. Both are logged once per epoch as values already reduced over ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_mtl._logging import log_reduced
+
+__all__ = ["EvalLosses", "batch_size", "log_eval_losses", "log_task_metrics", "num_eval_dataloaders"]
+
+
+class EvalLosses:
+    """Accumulates one stage's per-task losses (``val`` or ``test``) over an epoch."""
+
+    def __init__(self, num_tasks: int) -> None:
+        self.num_tasks = num_tasks
+        self._sums: Tensor | None = None
+
+    def reset(self) -> None:
+        self._sums = None
+
+    def add(self, losses: Tensor, size: float, dataloader_idx: int, num_dataloaders: int) -> None:
+        """Add one batch's losses ``[T]`` (detached) of ``size`` samples from dataloader ``dataloader_idx``."""
+        sums = self._buffer(max(num_dataloaders, dataloader_idx + 1), losses.device)
+        sums[dataloader_idx, :-1] += losses.double() * size
+        sums[dataloader_idx, -1] += size
+
+    def means(
+        self, trainer: pl.Trainer, num_dataloaders: int, device: torch.device
+    ) -> tuple[int, list[tuple[int, Tensor]]]:
+        """Sum over ranks (every rank must call it, even one that added nothing), reset, and return the number of
+        dataloaders and ``(dataloader_idx, per-task means [T] float32)`` for each one that saw samples."""
+        packed = self._buffer(num_dataloaders, self._sums.device if self._sums is not None else device)
+        if trainer.world_size > 1:
+            packed = trainer.strategy.reduce(packed.clone(), reduce_op="sum")
+        self.reset()
+        counts = packed[:, -1].tolist()
+        means = [(i, (packed[i, :-1] / packed[i, -1]).float()) for i in range(len(counts)) if counts[i] > 0]
+        return len(counts), means
+
+    def _buffer(self, rows: int, device: torch.device) -> Tensor:
+        sums = self._sums
+        if sums is None or sums.device != device or sums.shape[0] < rows:
+            grown = torch.zeros(rows, self.num_tasks + 1, dtype=torch.float64, device=device)
+            if sums is not None:
+                grown[: sums.shape[0]] = sums.to(device)
+            self._sums = sums = grown
+        return sums
+
+
+def num_eval_dataloaders(trainer: pl.Trainer | None, stage: str) -> int:
+    """How many dataloaders the current evaluation loop runs (1 outside one)."""
+    counts = None
+    if trainer is not None:
+        counts = (
+            trainer.num_sanity_val_batches
+            if trainer.sanity_checking
+            else (trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
+        )
+    return max(1, len(counts)) if isinstance(counts, (list, tuple)) else 1
+
+
+def batch_size(batch: Any) -> int:
+    """The batch's size as Lightning infers it (1 if it cannot)."""
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return int(extract_batch_size(batch))
+    except Exception:
+        return 1
+
+
+def log_eval_losses(module: pl.LightningModule, losses: EvalLosses, stage: str) -> None:
+    """Log ``<stage>/loss/<task>`` and ``<stage>/loss`` (the unweighted sum), per dataloader (suffix
+    ``/dataloader_idx_<k>`` when there are several), and the stage's per-task metrics."""
+    trainer = module.trainer
+    rows, means = losses.means(trainer, num_eval_dataloaders(trainer, stage), module.device)
+    names = module.task_names
+    for idx, mean in means:
+        suffix = f"/dataloader_idx_{idx}" if rows > 1 else ""
+        values = mean.unbind()
+        metrics = {f"{stage}/loss/{n}{suffix}": v for n, v in zip(names, values)}
+        metrics[f"{stage}/loss{suffix}"] = mean.sum()
+        log_reduced(module, metrics)
+        log_task_metrics(module, stage, {f"{n}/loss": v for n, v in zip(names, values)}, idx, suffix)
+
+
+def log_task_metrics(
+    module: pl.LightningModule,
+    stage: str,
+    losses: dict[str, Tensor],
+    dataloader_idx: int = 0,
+    suffix: str = "",
+) -> None:
+    """Compute (synchronised by torchmetrics), log ``<stage>/<task>/<metric>``, reset, and hand the values (plus
+    the epoch's ``<task>/loss``) to callbacks defining ``on_task_metrics`` (e.g. ``DeltaM``); with several
+    dataloaders, only the first one's values go to those callbacks."""
+    task_metrics = module.task_metrics
+    values = task_metrics.compute(stage, dataloader_idx) if task_metrics is not None else {}
+    if values:
+        log_reduced(module, {f"{stage}/{k}{suffix}": v for k, v in values.items()})
+    values.update(losses)
+    if values and dataloader_idx == 0:
+        trainer = module.trainer
+        for cb in trainer.callbacks:
+            if hasattr(cb, "on_task_metrics"):
+                cb.on_task_metrics(trainer, module, stage, values)

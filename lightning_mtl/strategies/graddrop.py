@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.functional.gradient_methods import graddrop
-from lightning_mtl.gradients import JacobianEngine, grad_scale, marked_representation
-from lightning_mtl.strategies._gradient_based import JacobianMethod
-from lightning_mtl.strategies.base import MTLStrategy, StepContext, global_seed
+from lightning_mtl.gradients import JacobianMethod, TaskGradients, grad_scale
+from lightning_mtl.step import StepContext
+from lightning_mtl.strategies.base import MTLStrategy, global_seed
 from lightning_mtl.task import Task
 
 
@@ -61,7 +61,13 @@ class GradDrop(MTLStrategy):
             raise ValueError(f"GradDrop seed must be an int or None, got {seed!r}.")
         self.leak = leak
         self.seed = seed
-        self._engine = JacobianEngine(jacobian, owner="GradDrop")
+        self._gradients = TaskGradients(
+            "GradDrop",
+            target="representation",
+            sync="local",  # the purity is per rank (see above)
+            jacobian=jacobian,
+            representation_fix="GradDrop works on the representation only (it has no parameters mode)",
+        )
         self._leak: Tensor | None = None
         self._generator: torch.Generator | None = None
 
@@ -89,21 +95,32 @@ class GradDrop(MTLStrategy):
 
     def backward(self, ctx: StepContext) -> None:
         assert self._leak is not None
-        z = marked_representation(ctx.module, "GradDrop")
-        scale = grad_scale(ctx.trainer)
-        grads = self._engine(ctx.losses, [z], scale).reshape(self.num_tasks, *z.shape).detach()
-        if bool(torch.isfinite(grads).all()):
-            combined = graddrop(grads, z.detach(), leak=self._leak.to(grads), generator=self.generator)
-            correction = combined - grads.sum(dim=0)
-        elif scale is not None:  # AMP overflow: a non-finite gradient makes the GradScaler skip the step
-            correction = torch.full_like(grads[0], math.nan)
-        else:
-            raise FloatingPointError(
-                "GradDrop: the per-task gradients w.r.t. the shared representation are not finite although the "
-                f"losses are {ctx.losses.detach().tolist()}. Lower the learning rate or clip the gradients."
-            )
-        # d/dz of this surrogate is Σ∇ᵢ + correction = the GradDrop gradient; the heads get ∇Σ Lᵢ.
-        ctx.backward(ctx.losses.sum() + (z.float() * correction.float()).sum())
+        gradients = self._gradients
+        if ctx.is_window_start:
+            gradients.reset()
+        gradients.add(ctx)
+        if not ctx.is_sync_step:
+            return
+        combined = []
+        for z, Z in gradients.representations:
+            grads = Z.reshape(self.num_tasks, *z.shape)
+            if bool(torch.isfinite(grads).all()):
+                leak = self._leak.to(grads)
+                combined.append(graddrop(grads, z.detach(), leak=leak, generator=self.generator).reshape(-1))
+            elif (
+                grad_scale(ctx.trainer) is not None
+            ):  # AMP overflow: a non-finite update makes the scaler skip
+                combined.append(torch.full_like(Z[0], math.nan))
+            else:
+                raise FloatingPointError(
+                    "GradDrop: the per-task gradients w.r.t. the shared representation are not finite although "
+                    f"the losses are {gradients.losses.tolist()}. Lower the learning rate or clip the gradients."
+                )
+        # the representation receives the GradDrop gradient; the heads get ∇Σ Lᵢ
+        gradients.backward_representation(ctx, combined)
+
+    def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
+        self._gradients.reset()
 
     def reset_state(self) -> None:
         super().reset_state()

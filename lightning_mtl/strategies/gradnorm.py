@@ -16,9 +16,10 @@ from lightning_mtl.functional.gradnorm import (
     inverse_training_rates,
     renormalize_weights,
 )
-from lightning_mtl.gradients import JacobianEngine, grad_scale
+from lightning_mtl.gradients import JacobianMethod, TaskGradients
+from lightning_mtl.step import StepContext
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
-from lightning_mtl.strategies.base import MTLStrategy, StepContext
+from lightning_mtl.strategies.base import MTLStrategy
 
 #: how the last shared layer is named: a parameter name or module path of the LightningModule, or a
 #: callable ``module -> parameter(s)``; ``None`` picks a default (see :class:`GradNorm`).
@@ -76,7 +77,7 @@ class GradNorm(MTLStrategy):
         optimizer: OptimizerChoice = "adam",
         initial_loss_steps: int = 1,
         min_weight: float = 1e-6,
-        jacobian: str = "auto",
+        jacobian: JacobianMethod = "auto",
     ) -> None:
         super().__init__()
         if (
@@ -107,7 +108,8 @@ class GradNorm(MTLStrategy):
         ):
             raise ValueError(f"GradNorm min_weight must be > 0, got {min_weight!r}.")
         LearnableParameters(torch.zeros(1), optimizer, lr)  # validates optimizer / lr now
-        self._engine = JacobianEngine(jacobian, owner="GradNorm")  # validates jacobian
+        # the per-task gradients of the last shared layer, averaged over the window and over ranks
+        self._gradients = TaskGradients("GradNorm", parameters=self._layer, jacobian=jacobian)
         self.alpha = float(alpha)
         self.layer = layer
         self.lr = lr
@@ -119,10 +121,6 @@ class GradNorm(MTLStrategy):
         # L(0): sum and count of the first windows' mean losses (identical on every rank)
         self._initial_sum: Tensor | None = None
         self._initial_count = 0
-        # the current accumulation window (transient)
-        self._grad_sum: Tensor | None = None
-        self._loss_sum: Tensor | None = None
-        self._window_count = 0
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (w, nᵢ, rᵢ) of the last window
         self._layer_checked = False  # the first window checks that every task reaches the layer
 
@@ -195,34 +193,28 @@ class GradNorm(MTLStrategy):
         assert self._learnable is not None, "GradNorm is not attached to a module yet"
         return self._learnable.param
 
-    def _layer_gradients(self, ctx: StepContext) -> Tensor:
-        """``[T, |W|]`` per-task gradients of the (unweighted) losses on the last shared layer, unscaled."""
+    def _layer(self, module: nn.Module) -> list[nn.Parameter]:
         if self._layer_params is None:
-            self._layer_params = self.resolve_layer(ctx.module)
-        return self._engine(ctx.losses, self._layer_params, scale=grad_scale(ctx.trainer))
+            self._layer_params = self.resolve_layer(module)
+        return self._layer_params
 
     def backward(self, ctx: StepContext) -> None:
         assert self._learnable is not None
         learn = self._learnable
         learn.prepare(ctx.trainer, ctx.losses.device)
         if ctx.is_window_start:
-            self._grad_sum, self._loss_sum, self._window_count = None, None, 0
-        layer_grads = self._layer_gradients(ctx)
-        global_losses = ctx.global_losses.detach().float()
-        self._grad_sum = layer_grads if self._grad_sum is None else self._grad_sum + layer_grads
-        self._loss_sum = global_losses if self._loss_sum is None else self._loss_sum + global_losses
-        self._window_count += 1
+            self._gradients.reset()
+        self._gradients.add(ctx, keep_graph=False)  # before the backward frees the graph
         weights = learn.param.detach().to(ctx.losses.dtype)
         ctx.backward((weights * ctx.losses).sum())
         if ctx.is_sync_step:
             self._close_window(ctx)
 
     def _close_window(self, ctx: StepContext) -> None:
-        assert self._learnable is not None and self._grad_sum is not None and self._loss_sum is not None
-        count = self._window_count
-        layer_grads = ctx.reduce_mean(self._grad_sum / count)  # the only cross-rank reduction
-        window_losses = self._loss_sum / count  # already rank-averaged
-        self._grad_sum, self._loss_sum, self._window_count = None, None, 0
+        assert self._learnable is not None
+        layer_grads = self._gradients.jacobian(ctx)  # [T, |W|] of the global batch
+        window_losses = self._gradients.losses  # already rank-averaged
+        self._gradients.reset()
         if self._initial_count < self.initial_loss_steps:
             if bool((window_losses <= 0).any()):
                 bad = {n: float(v) for n, v in zip(self.task_names, window_losses.tolist()) if v <= 0}
@@ -235,7 +227,7 @@ class GradNorm(MTLStrategy):
             self._initial_sum = total if self._initial_sum is None else self._initial_sum + total
             self._initial_count += 1
         initial = (self._initial_sum / self._initial_count).to(window_losses)
-        norms = layer_grads.norm(dim=1)
+        norms = layer_grads.double().norm(dim=1).float()
         if not self._layer_checked and bool((norms == 0).any()):
             unreached = [t for t, n in zip(self.task_names, norms.tolist()) if n == 0]
             raise RuntimeError(
@@ -262,7 +254,7 @@ class GradNorm(MTLStrategy):
                 param.copy_(renormalize_weights(param, float(param.numel()), self.min_weight))
 
     def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
-        self._grad_sum, self._loss_sum, self._window_count = None, None, 0
+        self._gradients.reset()
         if self._learnable is not None:
             self._learnable.param.grad = None
 
@@ -270,7 +262,7 @@ class GradNorm(MTLStrategy):
         super().reset_state()
         self._learnable = None  # bind() builds fresh weights (1) with a fresh optimizer
         self._initial_sum, self._initial_count = None, 0  # Lᵢ(0) belongs to the new run
-        self._grad_sum, self._loss_sum, self._window_count = None, None, 0
+        self._gradients.reset()
         self._last = None
         self._layer_checked = False
 

@@ -192,13 +192,13 @@ class CountingMGDA(MGDA):
 def test_update_every_reuses_weights_without_any_jacobian(monkeypatch):
     strategy = CountingMGDA(update_every=3)
     jacobians = []
-    original = strategy._engine.__call__
+    original = strategy._gradients._engine.__call__
 
     def spy(*args, **kwargs):
         jacobians.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(strategy, "_engine", spy)
+    monkeypatch.setattr(strategy._gradients, "_engine", spy)
     trainer(max_steps=7, callbacks=[strategy]).fit(ConflictNet(), loader(make_data(n=56), batch_size=8))
     assert strategy.calls == len(jacobians) == 3  # steps 0, 3, 6
     h = strategy.history
@@ -314,8 +314,10 @@ def test_resume_matches_uninterrupted(tmp_path, name):
 
 def test_resume_restores_method_state():
     a = GradVac(beta=0.3, seed=1)
-    trainer(max_epochs=1, callbacks=[a]).fit(ConflictNet(), loader(make_data(n=32), batch_size=8))
+    model = ConflictNet()
+    trainer(max_epochs=1, callbacks=[a]).fit(model, loader(make_data(n=32), batch_size=8))
     b = GradVac(beta=0.3, seed=1)
+    b.bind(model.tasks)  # Lightning restores callback state after setup has bound the strategy
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.targets, a.targets) and b.targets.abs().sum() > 0
     assert torch.equal(b.generator.get_state(), a.generator.get_state())

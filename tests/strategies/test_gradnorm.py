@@ -307,7 +307,7 @@ def test_resume_matches_uninterrupted(tmp_path):
         (dict(initial_loss_steps=0), ValueError, "initial_loss_steps must be an int >= 1, got 0"),
         (dict(lr=-1.0), ValueError, "lr must be > 0"),
         (dict(optimizer="rmsprop"), ValueError, "optimizer must be"),
-        (dict(jacobian="fast"), ValueError, "jacobian method"),
+        (dict(jacobian="fast"), ValueError, "jacobian must be"),
         (dict(min_weight=0.0), ValueError, "min_weight"),
     ],
 )

@@ -1,0 +1,236 @@
+"""The per-task gradients of one accumulation window: what every gradient strategy and diagnostic asks for.
+
+:class:`TaskGradients` owns the engine work that strategies must not repeat:
+
+1. **per micro-batch** (:meth:`TaskGradients.add`): the task losses' gradients w.r.t. the target (the shared
+   parameters, another parameter set such as GradNorm's layer, or the marked shared representation), by
+   ``torch.autograd.grad`` (no DDP hook fires), unscaled under 16-bit AMP;
+2. **over the window**: their sum over the micro-batches of an accumulation window, and the sum of the
+   (rank-averaged) losses;
+3. **over ranks** (``sync="exact"``): one all-reduce of the window's Jacobian ``[T, P]`` (or of the
+   ``T × T`` representation Gramian), so every rank holds the statistic of the global batch;
+4. **the one combined backward** (:meth:`TaskGradients.backward`) through Lightning, with the heads
+   correction: ``heads="weighted"`` back-propagates ``Σ wᵢLᵢ``; ``heads="plain"`` gives the task-specific
+   parameters the plain ``∇ΣLᵢ`` and only the shared part (or the representation) the combination ``Jᵀw``,
+   by back-propagating ``ΣLᵢ + ⟨θ_shared, Jᵀ(w − 1)⟩`` (``⟨z, Σᵢ(wᵢ − 1)∇_z Lᵢ⟩`` in representation mode).
+
+A strategy then only turns the statistic (:meth:`gramian` or :meth:`jacobian`) into weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mtl.functional import gramian
+from lightning_mtl.gradients.jacobian import JacobianEngine, JacobianMethod, unflatten
+from lightning_mtl.gradients.sources import (
+    ParameterSource,
+    check_trainable,
+    grad_scale,
+    marked_representation,
+    shared_parameters_of,
+)
+from lightning_mtl.step import StepContext, reduce_mean
+
+Target = Literal["parameters", "representation"]
+SyncMode = Literal["exact", "local"]
+Heads = Literal["weighted", "plain"]
+
+
+class TaskGradients:
+    """Per-task gradients over an accumulation window, reduced over ranks, and the one combined backward.
+
+    Args:
+        owner: the strategy or diagnostic's name, for messages.
+        target: ``"parameters"`` (the Jacobian w.r.t. ``shared_parameters()``, or ``parameters``) or
+            ``"representation"`` (the gradients w.r.t. the tensor marked by ``shared_representation(z)``).
+        parameters: with ``target="parameters"``, a function ``module -> parameters`` replacing
+            ``shared_parameters()`` (e.g. GradNorm's last shared layer); a frozen one is a clear error.
+        sync: ``"exact"`` (reduce over ranks: the statistic of the global batch) or ``"local"`` (this rank's).
+        jacobian: ``"auto"``, ``"batched"`` or ``"loop"`` (see :class:`JacobianEngine`).
+        representation_fix: advice when no representation was marked (default: use ``mode='parameters'``).
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        *,
+        target: Target = "parameters",
+        parameters: ParameterSource | None = None,
+        sync: SyncMode = "exact",
+        jacobian: JacobianMethod = "auto",
+        representation_fix: str | None = None,
+    ) -> None:
+        if target not in ("parameters", "representation"):
+            raise ValueError(f"{owner} mode must be 'parameters' or 'representation', got {target!r}.")
+        if sync not in ("exact", "local"):
+            raise ValueError(f"{owner} sync must be 'exact' or 'local', got {sync!r}.")
+        self.owner = owner
+        self.target = target
+        self.sync = sync
+        self._source = parameters
+        self._representation_fix = representation_fix
+        self._engine = JacobianEngine(jacobian, owner=owner)
+        self.reset()
+
+    # ------------------------------------------------------------------ the window
+    def reset(self) -> None:
+        """Forget the current window (called at a window's start and after its backward)."""
+        self._sum: Tensor | None = None  # Σ J_m [T, P], or Σ G_m [T, T] for the representation
+        self._loss_sum: Tensor | None = None
+        self._losses: list[Tensor] = []  # the micro-batches' attached losses, for the combined backward
+        self._representations: list[tuple[Tensor, Tensor]] = []  # (z_m, its per-task gradients [T, numel])
+        self._params: list[nn.Parameter] | None = None
+        self._J: Tensor | None = None
+        self.count = 0
+
+    def parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters whose per-task gradients are taken (fixed for the duration of a window)."""
+        if self._params is None or self.count == 0:
+            if self._source is None:
+                self._params = shared_parameters_of(module, self.owner)
+            else:
+                self._params = list(self._source(module))
+        check_trainable(module, self._params, self.owner, "its parameter")
+        return self._params
+
+    def local(self, ctx: StepContext) -> tuple[Tensor | None, Tensor]:
+        """This micro-batch's per-task gradients on this rank, unscaled: ``(None, [T, P])`` for parameters, or
+        ``(z, [T, numel(z)])`` for the marked representation ``z``."""
+        scale = grad_scale(ctx.trainer)
+        if self.target == "parameters":
+            return None, self._engine(ctx.losses, self.parameters(ctx.module), scale).detach()
+        z = marked_representation(ctx.module, self.owner, self._representation_fix)
+        return z, self._engine(ctx.losses, [z], scale).detach()
+
+    def add(self, ctx: StepContext, *, keep_graph: bool = True) -> None:
+        """Take this micro-batch's per-task gradients into the window.
+
+        ``keep_graph=False`` when the caller back-propagates the micro-batch itself (GradNorm's weights are
+        known up front); otherwise the losses are kept for :meth:`backward` at the window's end.
+        """
+        z, grads = self.local(ctx)
+        if z is None:
+            self._sum = grads if self._sum is None else self._sum + grads
+        else:
+            G = gramian(grads)
+            self._sum = G if self._sum is None else self._sum + G
+            self._representations.append((z, grads))
+        losses = ctx.global_losses if self.sync == "exact" else ctx.losses.detach()
+        self._loss_sum = losses.clone() if self._loss_sum is None else self._loss_sum + losses
+        if keep_graph:
+            self._losses.append(ctx.losses)
+        self._J = None
+        self.count += 1
+
+    @property
+    def representations(self) -> list[tuple[Tensor, Tensor]]:
+        """The window's ``(z_m, per-task gradients [T, numel(z_m)])`` pairs, this rank's (representation only)."""
+        return self._representations
+
+    @property
+    def losses(self) -> Tensor:
+        """The window's mean losses ``[T]`` (averaged over ranks with ``sync="exact"``), detached."""
+        assert self._loss_sum is not None, "no micro-batch was added"
+        return self._loss_sum / self.count
+
+    def _ranks(self, ctx: StepContext) -> int:
+        return ctx.world_size if self.sync == "exact" else 1
+
+    def jacobian(self, ctx: StepContext) -> Tensor:
+        """The Jacobian ``[T, P]`` of the window's mean losses (of the global batch with ``sync="exact"``)."""
+        if self.target != "parameters":
+            raise RuntimeError(f"{self.owner}: the Jacobian is only formed for target='parameters'.")
+        if self._J is None:
+            assert self._sum is not None, "no micro-batch was added"
+            J = self._sum / self.count
+            self._J = reduce_mean(ctx.trainer, J) if self._ranks(ctx) > 1 else J
+        return self._J
+
+    def gramian(self, ctx: StepContext) -> Tensor:
+        """The float64 Gramian ``[T, T]`` of the window's (global) per-task gradients.
+
+        For the representation: the gradient of the global mean loss w.r.t. one micro-batch's representation
+        on one rank is ``1/(R·k)`` times the local one, and different samples' blocks are orthogonal, so
+        ``G = Σ G_local / (R·k)²``.
+        """
+        if self.target == "parameters":
+            return gramian(self.jacobian(ctx))
+        assert self._sum is not None, "no micro-batch was added"
+        G = self._sum / (self.count * self.count)
+        ranks = self._ranks(ctx)
+        return reduce_mean(ctx.trainer, G) / ranks if ranks > 1 else G
+
+    def check_finite(self, ctx: StepContext, statistic: Tensor) -> bool:
+        """``True`` when ``statistic`` is finite; ``False`` on an AMP overflow (the GradScaler will skip the
+        step); otherwise a ``FloatingPointError`` naming the owner and the losses."""
+        if bool(torch.isfinite(statistic).all()):
+            return True
+        if grad_scale(ctx.trainer) is not None:
+            return False
+        losses = dict(zip(ctx.task_names, self.losses.tolist()))
+        raise FloatingPointError(
+            f"{self.owner}: the per-task gradients are not finite (inf/NaN) although the losses are finite "
+            f"({losses}): an operation of the model has a non-finite derivative (e.g. sqrt or log at 0), or the "
+            "gradients overflow. Fix the operation, lower the learning rate or clip (gradient_clip_val)."
+        )
+
+    # ------------------------------------------------------------------ the combined backward
+    def backward(self, ctx: StepContext, weights: Tensor, heads: Heads = "weighted") -> None:
+        """One backward of the window's losses through Lightning: the shared gradient is ``Jᵀw`` of the window
+        (DDP averages it over ranks); the heads get ``wᵢ∇Lᵢ`` (``"weighted"``) or ``∇ΣLᵢ`` (``"plain"``)."""
+        if heads == "weighted":
+            total = sum((weights.to(L) * L).sum() for L in self._losses)
+        elif self.target == "parameters":
+            # ctx.backward divides by k; the window holds `count` micro-batches of mean Jacobian J
+            correction = self._parameter_term(ctx, (weights.to(self.jacobian(ctx)) - 1) @ self.jacobian(ctx))
+            total = sum(L.sum() for L in self._losses) + self.count * correction
+        else:
+            self.backward_representation(ctx, [weights.to(Z) @ Z for _, Z in self._representations])
+            return
+        self.reset()
+        ctx.backward(total)
+
+    def backward_representation(self, ctx: StepContext, combined: Sequence[Tensor]) -> None:
+        """One backward in which micro-batch ``m``'s representation receives ``combined[m]`` (flat, this rank's)
+        instead of ``Σᵢ∇_z Lᵢ``, and everything downstream of it the plain ``∇ΣLᵢ`` (GradDrop, plain heads)."""
+        total = sum(L.sum() for L in self._losses)
+        for (z, Z), c in zip(self._representations, combined, strict=True):
+            total = total + self._representation_term(z, c - Z.sum(0))
+        self.reset()
+        ctx.backward(total)
+
+    def backward_reusing(self, ctx: StepContext, weights: Tensor, heads: Heads = "weighted") -> None:
+        """Back-propagate this micro-batch at once with weights computed earlier (``update_every > 1``): no
+        window, no reduction; with ``heads="plain"`` this rank's per-task gradients split shared and heads."""
+        losses = ctx.losses
+        if heads == "weighted":
+            ctx.backward((weights.to(losses) * losses).sum())
+            return
+        z, grads = self.local(ctx)
+        c = (weights.to(grads) - 1) @ grads
+        term = self._parameter_term(ctx, c) if z is None else self._representation_term(z, c)
+        ctx.backward(losses.sum() + term)
+
+    def _parameter_term(self, ctx: StepContext, c: Tensor) -> Tensor:
+        """A scalar whose gradient is ``c`` on the window's parameters and zero elsewhere."""
+        params = self.parameters(ctx.module)
+        return sum(
+            ((p * g.to(p.dtype)).sum() for p, g in zip(params, unflatten(c, params), strict=True)),
+            ctx.losses.new_zeros(()),
+        )
+
+    @staticmethod
+    def _representation_term(z: Tensor, c: Tensor) -> Tensor:
+        """A scalar whose gradient w.r.t. ``z`` is ``c`` (flat)."""
+        return (z.float() * c.view_as(z).float()).sum()
+
+
+def nan_weights(T: int, device: torch.device) -> Tensor:
+    """Weights that make the update non-finite, so that the GradScaler skips an overflowed step."""
+    return torch.full((T,), math.nan, device=device)

@@ -298,7 +298,7 @@ def test_nash_alpha_reorders_and_checks_its_size():
         bound(NashMTL(), ("a", "b")).load_method_state(state, None)
     same.load_method_state({}, None)  # reset
     assert same._alpha is None and same._failures == 0
-    assert NashMTL(mode="representation").method_config() == {"mode": "representation"}
+    assert NashMTL().method_config() == {}  # mode, the one that changes α's meaning, is in the base's config
 
 
 def test_gradvac_targets_reorder_on_both_dimensions():
@@ -315,4 +315,4 @@ def test_gradvac_targets_reorder_on_both_dimensions():
         bound(GradVac(), ("a", "b")).load_method_state(state, None)
     other.load_method_state({}, None)
     assert other.targets is None
-    assert GradVac().method_config() == {"mode": "parameters"}
+    assert GradVac().method_config() == {}

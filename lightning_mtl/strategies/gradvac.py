@@ -70,9 +70,9 @@ class GradVac(GradientWeighting):
         return weights
 
     def method_config(self) -> dict[str, Any]:
-        """The targets are cosines of the chosen ``mode``'s gradients; ``beta`` and ``eps`` change how they move,
-        not what they mean."""
-        return {"mode": self.mode}
+        """None: the targets are cosines of the ``mode``'s gradients (``mode`` is in the base's configuration);
+        ``beta`` and ``eps`` change how they move, not what they mean."""
+        return {}
 
     def method_state(self) -> dict[str, Any]:
         return {"targets": None if self._targets is None else self._targets.clone()}

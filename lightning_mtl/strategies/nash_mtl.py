@@ -94,9 +94,10 @@ class NashMTL(GradientWeighting):
         return self._alpha.to(stat.device, stat.dtype)
 
     def method_config(self) -> dict[str, Any]:
-        """``α`` solves the bargaining problem on the Gramian of the chosen ``mode``'s gradients; ``tol``,
-        ``optim_niter``, ``max_norm`` and ``update_every`` change how it is computed and used, not its meaning."""
-        return {"mode": self.mode}
+        """None: ``α`` means the bargaining solution on the Gramian of the ``mode``'s gradients (``mode`` is in the
+        base's configuration); ``tol``, ``optim_niter``, ``max_norm`` and ``update_every`` change how it is
+        computed and used, not what it means."""
+        return {}
 
     def method_state(self) -> dict[str, Any]:
         return {"alpha": None if self._alpha is None else self._alpha.clone(), "failures": self._failures}

@@ -199,15 +199,16 @@ class GradientWeighting(MTLStrategy):
         zero = (squared == 0).tolist()
         if not any(zero) or all(zero):
             return
-        for name, is_zero, w in zip(self.task_names, zero, weights.tolist()):
+        shown = {n: round(w, 4) for n, w in zip(self.task_names, weights.tolist())}
+        what = "shared parameters" if self.mode == "parameters" else "marked shared representation"
+        for name, is_zero in zip(self.task_names, zero):
             if is_zero and name not in self._warned_unreached:
                 self._warned_unreached.add(name)
-                what = "shared parameters" if self.mode == "parameters" else "marked shared representation"
                 rank_zero_warn(
                     f"{type(self).__name__}: task {name!r} has a zero gradient on the {what}: its loss does not "
-                    f"reach them, so it cannot be balanced against the other tasks (its weight is {w:.4g}; only "
-                    "its own parameters train on it). Check that its head is fed by the shared encoder, or "
-                    "exclude it from shared_parameters()-based balancing. (Warned once per task.)",
+                    f"reach them, so the method cannot balance it against the other tasks (this step's weights: "
+                    f"{shown}). Feed its head from the shared encoder, or leave the parameters it does not use "
+                    "out of shared_parameters(). (Warned once per task and fit.)",
                     category=RuntimeWarning,
                 )
 

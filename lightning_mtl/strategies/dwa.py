@@ -22,7 +22,7 @@ class DWA(LossWeighting):
     task k's training loss averaged over the iterations of epoch ``e``; ``wₖ = 1`` during the first two
     epochs. Weights sum to ``T`` and are constant within an epoch. Under DDP the averages are over
     rank-averaged losses (identical on every rank). The running sums and the two previous averages are
-    saved in checkpoints.
+    saved in checkpoints, by task name.
 
     Args:
         temperature: τ, the softmax temperature (paper: 2). Larger τ gives more uniform weights.

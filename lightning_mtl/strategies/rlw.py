@@ -25,7 +25,8 @@ class RLW(LossWeighting):
     at the same learning rate RLW's step is about ``T`` times smaller than :class:`EqualWeighting`'s.
     Draws come from a CPU generator seeded with ``seed`` (default: Lightning's global seed from
     ``seed_everything``, else 0), identical on every rank and independent of the world size; its state
-    is saved in checkpoints, so a resumed run draws the same weights.
+    is saved in checkpoints, so a resumed run draws the same weights (per task name, also when the module
+    declares the tasks in another order).
 
     Args:
         distribution: ``"normal"`` (paper default), ``"uniform"`` (softmax of U(0, 1)) or ``"dirichlet"``.

@@ -40,7 +40,8 @@ class UncertaintyWeighting(LossWeighting):
 
     The learnable parameters are stepped by a private optimizer (see ``optimizer``/``lr``) on the gradient
     of the objective at the rank-averaged losses: exact under DDP, untouched by AMP loss scaling and weight
-    decay. They are saved in the checkpoint with the optimizer's state.
+    decay. They are saved in the checkpoint with the optimizer's state, by task name, with the regulariser
+    and the task kinds (resuming under another one is an error).
 
     Args:
         regularizer: ``"log"`` (Kendall et al.) or ``"positive"`` (Liebel & Körner).

@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._gramian import as_output, check_jacobian, input_eps, preference_vector, prepare_gramian
+from ._checks import as_output, check_jacobian, input_eps, preference_vector, prepare_gramian
+from ._gramian import combine, gramian
 
 _METHOD = "Aligned-MTL"
 _SCALE_MODES = ("min", "median", "rmse")
@@ -71,7 +72,7 @@ def aligned_mtl(
 ) -> Tensor:
     """Aligned-MTL update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`aligned_mtl_weights`.
 
-    Equal to ``J.T @ aligned_mtl_weights(J @ J.T, ...)``.
+    Equal to ``J.T @ aligned_mtl_weights(gramian(J), ...)``.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ aligned_mtl_weights(J @ J.T, scale_mode=scale_mode, preference=preference)
+    return combine(J, aligned_mtl_weights(gramian(J), scale_mode=scale_mode, preference=preference))

@@ -7,14 +7,10 @@ import math
 import torch
 from torch import Tensor
 
-from ._gramian import (
-    as_output,
-    check_jacobian,
-    normalize_by_trace,
-    prepare_gramian,
-    psd_part,
-    solve_bounded_qp,
-)
+from ._checks import as_output, check_jacobian, prepare_gramian
+from ._gramian import combine, gramian
+from ._linalg import normalize_by_trace, psd_part
+from ._qp import solve_bounded_qp
 
 _METHOD = "CAGrad"
 _RIDGE = 1e-10  # relative to tr G: makes the inner QP strictly convex
@@ -116,7 +112,7 @@ def _ball_offset(Q: Tensor, u: Tensor, target: float) -> Tensor:
 def cagrad(J: Tensor, *, c: float = 0.4, rescale: int = 1) -> Tensor:
     """CAGrad update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`cagrad_weights`.
 
-    Equal to ``J.T @ cagrad_weights(J @ J.T, c=c, rescale=rescale)``.
+    Equal to ``J.T @ cagrad_weights(gramian(J), c=c, rescale=rescale)``.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ cagrad_weights(J @ J.T, c=c, rescale=rescale)
+    return combine(J, cagrad_weights(gramian(J), c=c, rescale=rescale))

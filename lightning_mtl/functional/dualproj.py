@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from ._gramian import as_output, check_jacobian, preference_vector, prepare_gramian
+from ._checks import as_output, check_jacobian, preference_vector, prepare_gramian
+from ._gramian import combine, gramian
 from .upgrad import dual_cone_projection_weights
 
 _METHOD = "DualProj"
@@ -45,7 +46,7 @@ def dualproj(
 ) -> Tensor:
     """DualProj update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`dualproj_weights`.
 
-    Equal to ``J.T @ dualproj_weights(J @ J.T, ...)``.
+    Equal to ``J.T @ dualproj_weights(gramian(J), ...)``.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ dualproj_weights(J @ J.T, preference=preference, reg_eps=reg_eps)
+    return combine(J, dualproj_weights(gramian(J), preference=preference, reg_eps=reg_eps))

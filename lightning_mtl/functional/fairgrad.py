@@ -8,16 +8,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._gramian import (
-    as_output,
-    check_jacobian,
-    check_positive_float,
-    check_positive_int,
-    normalize_by_trace,
-    prepare_gramian,
-    psd_part,
-    solve_power_barrier,
-)
+from ._barrier import solve_power_barrier
+from ._checks import as_output, check_jacobian, check_positive_float, check_positive_int, prepare_gramian
+from ._gramian import combine, gramian
+from ._linalg import normalize_by_trace, psd_part
 
 _METHOD = "FairGrad"
 
@@ -86,7 +80,7 @@ def fairgrad_weights(G: Tensor, *, alpha: float = 1.0, max_iter: int = 100, tol:
 def fairgrad(J: Tensor, *, alpha: float = 1.0, max_iter: int = 100, tol: float = 1e-8) -> Tensor:
     """FairGrad update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`fairgrad_weights`.
 
-    Equal to ``J.T @ fairgrad_weights(J @ J.T, ...)``.
+    Equal to ``J.T @ fairgrad_weights(gramian(J), ...)``.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ fairgrad_weights(J @ J.T, alpha=alpha, max_iter=max_iter, tol=tol)
+    return combine(J, fairgrad_weights(gramian(J), alpha=alpha, max_iter=max_iter, tol=tol))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._gramian import check_generator
+from ._checks import check_generator
 
 _METHOD = "GradDrop"
 

@@ -2,12 +2,14 @@
 
 Each method takes the task Jacobian ``J`` (``[T, P]``, one row per task) and returns the update
 (``[P]``); the methods whose update is a combination ``Jᵀw`` of the rows also expose ``<name>_weights(G)``
-on the Gramian ``G = J Jᵀ`` (``[T, T]``), with ``<name>(J) == J.T @ <name>_weights(J @ J.T)``.
+on the Gramian ``G = J Jᵀ`` (``[T, T]``), with ``<name>(J) == J.T @ <name>_weights(gramian(J))`` (the float64
+weights cast to ``J``'s dtype). :func:`gramian` forms ``G`` in float64 whatever the dtype of ``J``, and
+:func:`cosine_similarities` / :func:`cosine_min` read the task gradients' cosines from it.
 """
 
 from __future__ import annotations
 
-from ._gramian import cap_update_norm, gramian
+from ._gramian import cap_update_norm, cosine_min, cosine_similarities, gramian
 from .aligned_mtl import aligned_mtl, aligned_mtl_weights
 from .cagrad import cagrad, cagrad_weights
 from .dualproj import dualproj, dualproj_weights
@@ -30,6 +32,8 @@ __all__ = [
     "cagrad",
     "cagrad_weights",
     "cap_update_norm",
+    "cosine_min",
+    "cosine_similarities",
     "dualproj",
     "dualproj_weights",
     "fairgrad",

@@ -9,7 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._gramian import as_output, check_generator, check_jacobian, prepare_gramian, randperms
+from ._checks import as_output, check_generator, check_jacobian, prepare_gramian, randperms
+from ._gramian import combine, gramian
 
 _METHOD = "GradVac"
 
@@ -161,8 +162,8 @@ def gradvac(
     """
     check_jacobian(J, _METHOD)
     if groups is None:
-        weights, new_targets = gradvac_weights(J @ J.T, targets, beta=beta, eps=eps, generator=generator)
-        return GradVacResult(J.T @ weights, new_targets)
+        weights, new_targets = gradvac_weights(gramian(J), targets, beta=beta, eps=eps, generator=generator)
+        return GradVacResult(combine(J, weights), new_targets)
     sizes = list(groups)
     if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
         raise ValueError(
@@ -173,7 +174,7 @@ def gradvac(
             f"groups must sum to P={J.shape[1]} for {_METHOD}, got sizes summing to {sum(sizes)}."
         )
     blocks = J.split(sizes, dim=1)
-    G = torch.stack([block @ block.T for block in blocks])
+    G = torch.stack([gramian(block) for block in blocks])
     weights, new_targets = gradvac_weights(G, targets, beta=beta, eps=eps, generator=generator)
-    update = torch.cat([block.T @ w for block, w in zip(blocks, weights, strict=True)])
+    update = torch.cat([combine(block, w) for block, w in zip(blocks, weights, strict=True)])
     return GradVacResult(update, new_targets)

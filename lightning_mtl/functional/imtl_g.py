@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._gramian import as_output, check_jacobian, input_eps, normalize_by_trace, prepare_gramian
+from ._checks import as_output, check_jacobian, input_eps, prepare_gramian
+from ._gramian import combine, gramian
+from ._linalg import normalize_by_trace
 
 _METHOD = "IMTL-G"
 
@@ -43,7 +45,7 @@ def imtl_g_weights(G: Tensor) -> Tensor:
 def imtl_g(J: Tensor) -> Tensor:
     """IMTL-G update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`imtl_g_weights`.
 
-    Equal to ``J.T @ imtl_g_weights(J @ J.T)``.
+    Equal to ``J.T @ imtl_g_weights(gramian(J))``.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ imtl_g_weights(J @ J.T)
+    return combine(J, imtl_g_weights(gramian(J)))

@@ -7,14 +7,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._gramian import (
-    as_output,
-    check_jacobian,
-    normalize_by_trace,
-    prepare_gramian,
-    psd_part,
-    solve_bounded_qp,
-)
+from ._checks import as_output, check_jacobian, prepare_gramian
+from ._gramian import combine, gramian
+from ._linalg import normalize_by_trace, psd_part
+from ._qp import solve_bounded_qp
 
 _METHOD = "MGDA"
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -89,7 +85,7 @@ def mgda(
 ) -> Tensor:
     """MGDA update ``Jᵀw`` (``[P]``), the min-norm element of the convex hull of the rows of ``J``.
 
-    Equal to ``J.T @ mgda_weights(J @ J.T, ...)``; see :func:`mgda_weights`.
+    Equal to ``J.T @ mgda_weights(gramian(J), ...)``; see :func:`mgda_weights`.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ mgda_weights(J @ J.T, normalization=normalization, losses=losses)
+    return combine(J, mgda_weights(gramian(J), normalization=normalization, losses=losses))

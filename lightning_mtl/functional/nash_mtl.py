@@ -8,15 +8,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._gramian import (
-    as_output,
-    check_jacobian,
-    check_positive_float,
-    check_positive_int,
-    prepare_gramian,
-    psd_part,
-    solve_power_barrier,
-)
+from ._barrier import solve_power_barrier
+from ._checks import as_output, check_jacobian, check_positive_float, check_positive_int, prepare_gramian
+from ._gramian import combine, gramian
+from ._linalg import psd_part
 
 _METHOD = "Nash-MTL"
 
@@ -114,8 +109,8 @@ def nash_mtl(
     """Nash-MTL update of a Jacobian ``J`` (``[T, P]``); see :func:`nash_mtl_weights`.
 
     Returns ``NashMTLResult(update, weights, converged)`` with ``update = J.T @ weights`` (no norm clipping)
-    and ``weights, converged = nash_mtl_weights(J @ J.T, ...)``.
+    and float64 ``weights, converged = nash_mtl_weights(gramian(J), ...)``.
     """
     check_jacobian(J, _METHOD)
-    weights, converged = nash_mtl_weights(J @ J.T, previous=previous, max_iter=max_iter, tol=tol)
-    return NashMTLResult(J.T @ weights, weights, converged)
+    weights, converged = nash_mtl_weights(gramian(J), previous=previous, max_iter=max_iter, tol=tol)
+    return NashMTLResult(combine(J, weights), weights, converged)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._gramian import as_output, check_generator, check_jacobian, prepare_gramian, randperms
+from ._checks import as_output, check_generator, check_jacobian, prepare_gramian, randperms
+from ._gramian import combine, gramian
 
 _METHOD = "PCGrad"
 
@@ -52,7 +53,7 @@ def pcgrad_weights(G: Tensor, *, generator: torch.Generator | None = None) -> Te
 def pcgrad(J: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
     """PCGrad update ``Σᵢ gᵢᴾᶜ`` (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`pcgrad_weights`.
 
-    Equal to ``J.T @ pcgrad_weights(J @ J.T, generator=generator)``.
+    Equal to ``J.T @ pcgrad_weights(gramian(J), generator=generator)``.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ pcgrad_weights(J @ J.T, generator=generator)
+    return combine(J, pcgrad_weights(gramian(J), generator=generator))

@@ -7,16 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._gramian import (
-    as_output,
-    check_jacobian,
-    check_positive_float,
-    normalize_by_trace,
-    preference_vector,
-    prepare_gramian,
-    psd_part,
-    solve_bounded_qp,
-)
+from ._checks import as_output, check_jacobian, check_positive_float, preference_vector, prepare_gramian
+from ._gramian import combine, gramian
+from ._linalg import normalize_by_trace, psd_part
+from ._qp import solve_bounded_qp
 
 _METHOD = "UPGrad"
 
@@ -73,7 +67,7 @@ def upgrad_weights(
 def upgrad(J: Tensor, *, preference: Tensor | Sequence[float] | None = None, reg_eps: float = 1e-4) -> Tensor:
     """UPGrad update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`upgrad_weights`.
 
-    Equal to ``J.T @ upgrad_weights(J @ J.T, ...)``.
+    Equal to ``J.T @ upgrad_weights(gramian(J), ...)``.
     """
     check_jacobian(J, _METHOD)
-    return J.T @ upgrad_weights(J @ J.T, preference=preference, reg_eps=reg_eps)
+    return combine(J, upgrad_weights(gramian(J), preference=preference, reg_eps=reg_eps))

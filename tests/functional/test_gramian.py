@@ -1,4 +1,4 @@
-"""Shared helpers: input validation and the exact bounded QP solver."""
+"""Shared helpers: the float64 Gramian, the cosine helpers, input validation and the bounded QP solver."""
 
 import itertools
 
@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_mtl.functional._gramian import psd_part, solve_bounded_qp
-from lightning_mtl.functional.gradient_methods import gramian, mgda, mgda_weights, pcgrad
+from lightning_mtl.functional import _gramian, cosine_min, cosine_similarities, gramian
+from lightning_mtl.functional._linalg import psd_part
+from lightning_mtl.functional._qp import solve_bounded_qp
+from lightning_mtl.functional.gradient_methods import mgda, mgda_weights, pcgrad
 
 
 def _brute_force(Q: torch.Tensor, q: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
@@ -53,8 +55,16 @@ def test_shapes_and_types_are_checked() -> None:
         ValueError, match=r"J must be a \[T, P\] tensor with T >= 1 for MGDA, got shape \(3,\)"
     ):
         mgda(torch.ones(3))
-    with pytest.raises(ValueError, match=r"J must be a \[T, P\] tensor"):
+    with pytest.raises(
+        ValueError, match=r"J must be a \[T, P\] \(or \[T, ...\]\) tensor with T >= 1 for gramian"
+    ):
         gramian(torch.ones(0, 3))
+    with pytest.raises(ValueError, match="J must be floating point for gramian"):
+        gramian(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(
+        ValueError, match=r"G must be a square \[T, T\] Gramian with T >= 1 for cosine_similarities"
+    ):
+        cosine_similarities(torch.ones(2, 3))
     with pytest.raises(ValueError, match="J must be floating point for PCGrad"):
         pcgrad(torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"G must be a square \[T, T\] Gramian with T >= 1 for MGDA"):
@@ -77,3 +87,52 @@ def test_gpu_inputs_and_cpu_generators() -> None:
     torch.testing.assert_close(update.cpu(), pcgrad(J.cpu(), generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         pcgrad(J, generator=torch.Generator(device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_gramian_is_float64_and_exact_for_every_dtype(dtype: torch.dtype) -> None:
+    J = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)).to(dtype)  # [T, ...] is flattened
+    G = gramian(J)
+    assert G.dtype == torch.float64 and G.shape == (3, 3)
+    assert torch.equal(G, G.T)
+    flat = J.reshape(3, -1).double()
+    torch.testing.assert_close(G, flat @ flat.T, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_gramian_of_a_float32_jacobian_neither_overflows_nor_underflows(scale: float) -> None:
+    J = torch.tensor([[1.0, 2.0, 0.0], [-1.0, 0.5, 3.0]])
+    assert not torch.isfinite((J * scale) @ (J * scale).T).all() or ((J * scale) @ (J * scale).T == 0).any()
+    G = gramian(J * scale)
+    expected = (J * scale).double() @ (J * scale).double().T
+    torch.testing.assert_close(G, expected, rtol=1e-14, atol=0.0)
+
+
+def test_gramian_accumulates_over_column_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    J = torch.randn(4, 103, generator=torch.Generator().manual_seed(1))
+    whole = gramian(J)
+    monkeypatch.setattr(_gramian, "_CHUNK_ELEMENTS", 4 * 10)  # 11 chunks of 10 columns (the last of 3)
+    torch.testing.assert_close(gramian(J), whole, rtol=1e-14, atol=1e-14)
+    flat = J.double()
+    torch.testing.assert_close(gramian(J), flat @ flat.T, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-150, 1e150])
+def test_cosine_similarities(scale: float) -> None:
+    J = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [-2.0, 0.0]], dtype=torch.float64) * scale
+    cos = cosine_similarities(gramian(J))
+    r = 2**-0.5
+    expected = torch.tensor(
+        [[1.0, r, 0.0, -1.0], [r, 1.0, 0.0, -r], [0.0, 0.0, 1.0, 0.0], [-1.0, -r, 0.0, 1.0]],
+        dtype=torch.float64,
+    )
+    assert cos.dtype == torch.float64
+    torch.testing.assert_close(cos, expected, rtol=1e-12, atol=1e-12)
+    assert cosine_min(gramian(J)).item() == pytest.approx(-1.0)
+    assert cosine_min(gramian(J[:2])).item() == pytest.approx(r)
+
+
+def test_cosine_min_of_one_task_is_one() -> None:
+    assert cosine_min(torch.tensor([[4.0]])).item() == 1.0
+    assert cosine_min(torch.zeros(1, 1)).item() == 1.0
+    assert cosine_similarities(torch.tensor([[4.0]], dtype=torch.float32)).dtype == torch.float64

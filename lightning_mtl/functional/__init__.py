@@ -2,6 +2,8 @@
 
 Loss-weighting rules take the losses ``[T]``; gradient methods take the task Jacobian ``J`` (``[T, P]``) and
 return the update ``[P]``, and the Gramian-expressible ones also expose ``<name>_weights(G)`` on ``G = J Jᵀ``.
+:func:`gramian` forms ``G`` (float64, whatever the dtype of ``J``); :func:`cosine_similarities` and
+:func:`cosine_min` read the task gradients' cosines from it.
 """
 
 from lightning_mtl.functional.gradient_methods import *  # noqa: F403

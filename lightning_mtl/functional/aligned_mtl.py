@@ -36,6 +36,9 @@ def aligned_mtl_weights(
     eigenvalue (``"median"``) or the mean eigenvalue (``"rmse"``), all among the kept ones. A zero Gramian
     gives ``α = w``.
 
+    Scale-invariant: ``σ`` and ``Λ`` both scale by ``s²`` when ``J`` scales by ``s``, so ``B`` does not
+    change; the eigenvalue cut-off is relative to ``λ_max``.
+
     Args:
         G: ``[T, T]`` Gramian.
         scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``.

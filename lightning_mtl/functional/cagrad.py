@@ -35,6 +35,10 @@ def cagrad_weights(G: Tensor, *, c: float = 0.4, rescale: int = 1) -> Tensor:
     When ``‖g₀‖ ≤ 1e-7·‖J‖_F`` (e.g. two opposite gradients) the update is ``g₀/(1 + c²)``, as in the
     authors' code for ``‖g₀‖ = 0``.
 
+    Scale-invariant: ``φ/‖g_w*‖ = c‖g₀‖/‖g_w*‖`` and ``w*`` (a minimiser over the simplex of a function
+    homogeneous in ``J``) do not change with the scale of ``J``; the problem is solved on ``G/tr G`` and the
+    ``‖g₀‖`` threshold is relative.
+
     Args:
         G: ``[T, T]`` Gramian.
         c: radius of the ball around ``g₀``, a finite number ``≥ 0``. The paper's Theorem 3.2 gives

@@ -26,6 +26,9 @@ def dualproj_weights(
     ``reg_eps`` ridge). Same QP, solver and conventions as :func:`~.upgrad.upgrad_weights` (TorchJD 0.18's
     ``DualProjWeighting``: trace normalisation, ``reg_eps = 1e-4``).
 
+    Scale-invariant, for the reasons given in :func:`~.upgrad.upgrad_weights`: trace normalisation, a
+    relative ridge and relative solver tolerances (TorchJD's absolute ``tr G < 1e-4`` cut-off is not kept).
+
     Args:
         G: ``[T, T]`` Gramian.
         preference: ``[T]`` combination ``p`` to project (default ``1/T`` everywhere).

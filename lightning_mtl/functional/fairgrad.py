@@ -36,6 +36,11 @@ def fairgrad_weights(G: Tensor, *, alpha: float = 1.0, max_iter: int = 100, tol:
     problem follows by an exact rescaling). Without a solution (a zero gradient, or gradients summing to
     zero with non-negative weights) the last iterate is returned with a ``RuntimeWarning``.
 
+    Scale: not invariant. ``Gw = w^(−1/α)`` gives ``w(sJ) = s^(−2α/(1+α))·w(J)``: the relative weights
+    (the update's direction) do not change with the scale of the losses, but their size does, and the
+    update's norm scales as ``s^((1−α)/(1+α))`` (only ``α = 1`` gives a scale-free update, as Nash-MTL's).
+    The solver works on ``G/tr G``, so this law holds to rounding at any scale.
+
     Args:
         G: ``[T, T]`` Gramian.
         alpha: fairness parameter ``α ≥ 0`` (default 1.0).

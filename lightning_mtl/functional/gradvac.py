@@ -62,6 +62,9 @@ def gradvac_weights(
     ``eps`` guards ``√(1−φ̂²)`` (dimensionless, so the result does not depend on the gradients' scale,
     unlike TorchJD's absolute ``1e-8`` on the norms): a target of exactly ±1 gives a large but finite step.
 
+    Scale-invariant: the cosines ``φ`` and the ratio ``‖gᵢᴾᶜ‖/‖gⱼ‖`` do not change when every loss is
+    multiplied by a constant, so neither do the weights nor the targets.
+
     Args:
         G: ``[T, T]`` Gramian, or ``[K, T, T]``: one Gramian per parameter group.
         targets: EMA targets ``φ̂`` shaped like ``G`` (``None``: zeros, the paper's initialisation);

@@ -25,6 +25,9 @@ def imtl_g_weights(G: Tensor) -> Tensor:
     unnormalised weights sum to (nearly) zero, e.g. all gradients zero, the weights are zero.
     The paper applies IMTL-G to gradients with respect to the shared representation.
 
+    Scale-invariant: ``α ∝ G⁻¹ diag(G)^½`` scales by ``1/s`` when ``J`` scales by ``s``, and the
+    normalisation to sum 1 removes that; the pseudo-inverse's cut-off and the zero-sum test are relative.
+
     Args:
         G: ``[T, T]`` Gramian.
 

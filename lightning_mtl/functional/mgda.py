@@ -39,6 +39,10 @@ def mgda_weights(
     eigenvalues that rounding gives a float32 Gramian) keeps the problem strictly convex, which also picks
     the most even ``w`` among equivalent ones (duplicated or zero-sum gradients).
 
+    Scale-invariant: ``cG`` (every loss multiplied by ``√c``) has the same minimiser on the simplex, and the
+    problem is solved on ``G/tr G`` with a ridge relative to it, so the weights do not change with the
+    scale of the losses.
+
     Args:
         G: ``[T, T]`` Gramian.
         normalization: gradient normalisation of the official code, applied only to find ``w`` (the weights

@@ -67,6 +67,10 @@ def nash_mtl_weights(
     ``max_norm = 1.0``: that step is the caller's (:func:`~._gramian.cap_update_norm` does it on the
     Gramian); ``update_weights_every = 1`` is the caller's as well.
 
+    Scale: not invariant by definition, and deliberately so: ``Gα = 1/α`` makes ``α`` scale by ``1/s``
+    when ``J`` scales by ``s``, so the update ``Jᵀα`` does not change (``‖Jᵀα‖ = √T``). The solver works on
+    ``G/‖G‖_F``, so it solves the same problem at every scale and the law holds to rounding.
+
     Args:
         G: ``[T, T]`` Gramian.
         previous: ``[T]`` positive weights returned at the previous step (warm start); default: ``α̂ = 1`` in

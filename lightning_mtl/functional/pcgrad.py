@@ -25,6 +25,9 @@ def pcgrad_weights(G: Tensor, *, generator: torch.Generator | None = None) -> Te
     ``generator`` (``i`` itself is skipped), on the CPU: a generator in the same state gives the same
     weights on every process. TorchJD's ``PCGradWeighting`` draws the same way from the global generator.
 
+    Scale-invariant: each projection coefficient ``gᵢᴾᶜ·gⱼ/‖gⱼ‖²`` is a ratio of dot products, so the
+    weights do not change when every loss is multiplied by a constant.
+
     Args:
         G: ``[T, T]`` Gramian.
         generator: CPU generator for the task orders (``None``: torch's global generator).

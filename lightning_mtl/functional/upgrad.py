@@ -49,6 +49,10 @@ def upgrad_weights(
     except that a Gramian with a tiny trace is still normalised (TorchJD replaces ``G`` by zeros when
     ``tr G < 1e-4``, which turns UPGrad into the plain mean for small gradients).
 
+    Scale-invariant: the QP is solved on ``G/tr G`` with the ridge ``reg_eps`` relative to it and relative
+    solver tolerances, so the weights do not change when every loss is multiplied by a constant (TorchJD's
+    absolute ``tr G < 1e-4`` cut-off is the one convention not kept, for that reason).
+
     Args:
         G: ``[T, T]`` Gramian.
         preference: ``[T]`` preference vector ``p`` (default ``1/T`` everywhere).

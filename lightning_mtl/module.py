@@ -267,9 +267,10 @@ class MultiTaskModule(pl.LightningModule):
                 strategy.backward(ctx)
         self._shared_representation = None  # do not keep this step's graph alive
 
+        first = batch_idx == 0 and trainer.global_step == 0  # the first step of a run
         if is_sync:
             self._end_window(strategy, batch_idx)
-        self._log_training(strategy, global_losses, batch_idx)
+        self._log_training(strategy, global_losses, first)
 
     def _optimizer_list(self) -> list[Any]:
         opts = self.optimizers()
@@ -322,7 +323,7 @@ class MultiTaskModule(pl.LightningModule):
         log_task_metrics(self, "train", {})
         step_schedulers(self, "epoch")
 
-    def _log_training(self, strategy: MTLStrategy, global_losses: Tensor, batch_idx: int) -> None:
+    def _log_training(self, strategy: MTLStrategy, global_losses: Tensor, first: bool) -> None:
         trainer = self.trainer
         total = strategy.objective(global_losses)
         # every step, for the progress bar and callbacks; written to the loggers below on logging steps
@@ -340,8 +341,7 @@ class MultiTaskModule(pl.LightningModule):
         # the Trainer's logging steps, plus the first step of a run and the last of every epoch: a short run
         # (fewer steps than log_every_n_steps) still shows every series
         to_loggers = _lightning.should_update_logs(trainer) or (
-            trainer.log_every_n_steps > 0
-            and (bool(trainer.is_last_batch) or (trainer.global_step == 0 and batch_idx == 0))
+            trainer.log_every_n_steps > 0 and (first or bool(trainer.is_last_batch))
         )
         if to_loggers:  # method-specific quantities may cost something to build: logging steps only
             metrics.update(strategy.extra_metrics())

@@ -62,9 +62,19 @@ def as_output(weights64: Tensor, like: Tensor) -> Tensor:
     return weights64.to(device=like.device, dtype=like.dtype)
 
 
-def input_eps(G: Tensor) -> float:
-    """Machine epsilon of the caller's dtype: the relative noise level of its Gramian."""
-    return torch.finfo(G.dtype).eps
+def input_eps(G: Tensor, eps: float | None, method: str) -> float:
+    """Relative precision of the gradients behind ``G``: ``eps`` if given, else the epsilon of ``G``'s dtype.
+
+    A float64 Gramian of float32 gradients (what :func:`~._gramian.gramian` returns) is only as precise as the
+    gradients: its callers pass ``eps = torch.finfo(J.dtype).eps``.
+    """
+    if eps is None:
+        return torch.finfo(G.dtype).eps
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(
+            f"eps must be a number in (0, 1) for {method} (e.g. torch.finfo(J.dtype).eps), got {eps!r}."
+        )
+    return float(eps)
 
 
 def check_generator(generator: torch.Generator | None, method: str) -> None:

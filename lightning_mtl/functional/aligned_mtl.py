@@ -22,12 +22,13 @@ def aligned_mtl_weights(
     *,
     scale_mode: AlignedMTLScale = "min",
     preference: Tensor | Sequence[float] | None = None,
+    eps: float | None = None,
 ) -> Tensor:
     """Weights ``α = B w`` of the Aligned-MTL update ``Jᵀα``, computed on the Gramian ``G = J Jᵀ``.
 
     Senushkin, Patakin, Kuznetsov, Konushin (2023), *Independent Component Alignment for Multi-Task
     Learning*, CVPR, https://arxiv.org/abs/2305.19000, Algorithm 1. With ``G = VΛVᵀ`` (eigenvalues above
-    ``λ_max·T·eps`` kept, ``eps`` of the input dtype), ``B = √σ · VΛ^(−½)Vᵀ``, so that the aligned
+    ``λ_max·T·eps`` kept, ``eps`` the gradients' precision), ``B = √σ · VΛ^(−½)Vᵀ``, so that the aligned
     gradients ``BᵀJ`` are orthogonal with equal norms ``√σ`` (the condition number of the system is 1).
 
     Scaling: ``w = 1`` (the **sum** of the aligned gradients), as in the official code
@@ -43,6 +44,9 @@ def aligned_mtl_weights(
         G: ``[T, T]`` Gramian.
         scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``.
         preference: task weights ``w`` (``[T]``), default all ones.
+        eps: relative precision of the gradients (default: machine epsilon of ``G``'s dtype). For a float64
+            Gramian of lower-precision gradients pass theirs, ``torch.finfo(J.dtype).eps``, as
+            :func:`aligned_mtl` does.
 
     Returns:
         ``[T]`` weights, same dtype and device as ``G``.
@@ -53,7 +57,7 @@ def aligned_mtl_weights(
     T = G64.shape[0]
     w = preference_vector(preference, T, _METHOD, default=1.0)
     eigenvalues, V = torch.linalg.eigh(G64)
-    keep = eigenvalues > eigenvalues.max() * T * input_eps(G)
+    keep = eigenvalues > eigenvalues.max() * T * input_eps(G, eps, _METHOD)
     if not bool(keep.any()):
         return as_output(w, G)
     eigenvalues, V = eigenvalues[keep], V[:, keep]
@@ -75,7 +79,10 @@ def aligned_mtl(
 ) -> Tensor:
     """Aligned-MTL update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`aligned_mtl_weights`.
 
-    Equal to ``J.T @ aligned_mtl_weights(gramian(J), ...)``.
+    Equal to ``J.T @ aligned_mtl_weights(gramian(J), ..., eps=torch.finfo(J.dtype).eps)``.
     """
     check_jacobian(J, _METHOD)
-    return combine(J, aligned_mtl_weights(gramian(J), scale_mode=scale_mode, preference=preference))
+    weights = aligned_mtl_weights(
+        gramian(J), scale_mode=scale_mode, preference=preference, eps=torch.finfo(J.dtype).eps
+    )
+    return combine(J, weights)

@@ -12,7 +12,7 @@ from ._linalg import normalize_by_trace
 _METHOD = "IMTL-G"
 
 
-def imtl_g_weights(G: Tensor) -> Tensor:
+def imtl_g_weights(G: Tensor, *, eps: float | None = None) -> Tensor:
     """Weights ``α`` (summing to 1) of the IMTL-G update ``Jᵀα``, computed on the Gramian ``G = J Jᵀ``.
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang (2021), *Towards Impartial Multi-task Learning*, ICLR,
@@ -21,7 +21,7 @@ def imtl_g_weights(G: Tensor) -> Tensor:
     to ``α ∝ G⁻¹ diag(G)^½`` normalised to sum 1. No hyper-parameters. ``α`` can be negative.
 
     Collinear or zero gradients make ``G`` singular: the pseudo-inverse is used (relative cut-off
-    ``T·eps`` of the input dtype), the generalisation of TorchJD's ``IMTLGWeighting``. When the
+    ``T·eps``, ``eps`` the gradients' precision), the generalisation of TorchJD's ``IMTLGWeighting``. When the
     unnormalised weights sum to (nearly) zero, e.g. all gradients zero, the weights are zero.
     The paper applies IMTL-G to gradients with respect to the shared representation.
 
@@ -30,6 +30,9 @@ def imtl_g_weights(G: Tensor) -> Tensor:
 
     Args:
         G: ``[T, T]`` Gramian.
+        eps: relative precision of the gradients (default: machine epsilon of ``G``'s dtype). For a float64
+            Gramian of lower-precision gradients pass theirs, ``torch.finfo(J.dtype).eps``, as :func:`imtl_g`
+            does: eigenvalues below ``T·eps·λ_max`` are rounding, not a direction to balance.
 
     Returns:
         ``[T]`` weights, same dtype and device as ``G``.
@@ -38,7 +41,7 @@ def imtl_g_weights(G: Tensor) -> Tensor:
     T = G64.shape[0]
     G_hat, _ = normalize_by_trace(G64)
     norms = G_hat.diagonal().clamp_min(0).sqrt()
-    v = torch.linalg.pinv(G_hat, rtol=T * input_eps(G), hermitian=True) @ norms
+    v = torch.linalg.pinv(G_hat, rtol=T * input_eps(G, eps, _METHOD), hermitian=True) @ norms
     total = float(v.sum())
     if abs(total) < 1e-12:
         return as_output(torch.zeros(T, dtype=G64.dtype), G)
@@ -48,7 +51,7 @@ def imtl_g_weights(G: Tensor) -> Tensor:
 def imtl_g(J: Tensor) -> Tensor:
     """IMTL-G update (``[P]``) of a Jacobian ``J`` (``[T, P]``); see :func:`imtl_g_weights`.
 
-    Equal to ``J.T @ imtl_g_weights(gramian(J))``.
+    Equal to ``J.T @ imtl_g_weights(gramian(J), eps=torch.finfo(J.dtype).eps)``.
     """
     check_jacobian(J, _METHOD)
-    return combine(J, imtl_g_weights(gramian(J)))
+    return combine(J, imtl_g_weights(gramian(J), eps=torch.finfo(J.dtype).eps))

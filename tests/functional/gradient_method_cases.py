@@ -20,7 +20,7 @@ class Method:
     name: str
     update: Callable[[Tensor], Tensor]
     """``J [T, P] -> update [P]`` (random methods use a fixed seed, so the call is repeatable)."""
-    weights: Callable[[Tensor], Tensor] | None = None
+    weights: Callable[..., Tensor] | None = None
     """``G [T, T] -> weights [T]``, for the methods whose update is ``Jᵀw``."""
     random: bool = False
     degree: float | None = 1.0
@@ -28,6 +28,15 @@ class Method:
     non_conflicting: bool = False
     """``gᵢ·update ≥ 0`` for every task (up to the method's regularisation)."""
     weights_sum: float | None = None
+    precision_aware: bool = False
+    """``weights`` takes ``eps``: the update of ``J`` passes ``torch.finfo(J.dtype).eps`` (IMTL-G, Aligned-MTL)."""
+
+    def weights_of(self, J: Tensor) -> Tensor:
+        """The float64 weights that ``update(J)`` combines the rows of ``J`` with."""
+        assert self.weights is not None
+        if self.precision_aware:
+            return self.weights(gm.gramian(J), eps=torch.finfo(J.dtype).eps)
+        return self.weights(gm.gramian(J))
 
 
 def _graddrop(J: Tensor) -> Tensor:
@@ -44,7 +53,7 @@ METHODS = [
     ),
     Method("mgda", gm.mgda, gm.mgda_weights, non_conflicting=True, weights_sum=1.0),
     Method("cagrad", gm.cagrad, gm.cagrad_weights),
-    Method("imtl_g", gm.imtl_g, gm.imtl_g_weights),
+    Method("imtl_g", gm.imtl_g, gm.imtl_g_weights, precision_aware=True),
     Method(
         "gradvac",
         lambda J: gm.gradvac(J, generator=seeded()).update,
@@ -52,7 +61,7 @@ METHODS = [
         random=True,
     ),
     Method("graddrop", _graddrop, random=True),
-    Method("aligned_mtl", gm.aligned_mtl, gm.aligned_mtl_weights),
+    Method("aligned_mtl", gm.aligned_mtl, gm.aligned_mtl_weights, precision_aware=True),
     Method(
         "nash_mtl",
         lambda J: gm.nash_mtl(J).update,

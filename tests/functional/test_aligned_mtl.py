@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_mtl.functional.gradient_methods import aligned_mtl, aligned_mtl_weights
+from lightning_mtl.functional.gradient_methods import aligned_mtl, aligned_mtl_weights, gramian
 
 
 def test_orthogonal_gradients_get_equal_norms() -> None:
@@ -37,3 +37,18 @@ def test_aligned_gradients_are_orthogonal_with_equal_norms() -> None:
 def test_unknown_scale_mode() -> None:
     with pytest.raises(ValueError, match="scale_mode must be one of"):
         aligned_mtl(torch.eye(2), scale_mode="max")  # type: ignore[arg-type]
+
+
+def test_float32_gradients_apart_by_rounding_are_collinear() -> None:
+    """``aligned_mtl(J)`` drops eigenvalues below the precision of ``J`` (float32), not of its float64 Gramian."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1000, generator=g, dtype=torch.float64)
+    J = (torch.tensor([[1.0], [2.0], [0.5]], dtype=torch.float64) * base).float()
+    J[1] += 1e-6 * torch.randn(1000, generator=g)  # apart only at the level of float32 rounding
+    # one kept eigenvector v = n/‖n‖ (n the lengths) with σ = λ_max: B = vvᵀ, α = v(vᵀ1) = n·Σn/‖n‖²
+    n = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    weights = aligned_mtl_weights(gramian(J), eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(weights, n * n.sum() / n.square().sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aligned_mtl(J), J.T @ weights.float())
+    with pytest.raises(ValueError, match=r"eps must be a number in \(0, 1\) for Aligned-MTL"):
+        aligned_mtl_weights(gramian(J), eps=float("nan"))

@@ -82,6 +82,9 @@ def test_weights_keep_the_gramian_dtype_and_device() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_inputs_and_cpu_generators() -> None:
     J = torch.randn(4, 10, device="cuda")
+    G = gramian(J.half())
+    assert G.device == J.device and G.dtype == torch.float64
+    torch.testing.assert_close(G.cpu(), gramian(J.half().cpu()))
     update = pcgrad(J, generator=torch.Generator().manual_seed(0))
     assert update.device == J.device
     torch.testing.assert_close(update.cpu(), pcgrad(J.cpu(), generator=torch.Generator().manual_seed(0)))

@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/lightning-mtl compare --out demo_out
+	$(BIN)/lightning-mtl compare --out demo_out --overwrite
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check lightning_mtl tests examples benchmarks

@@ -73,5 +73,7 @@ def test_local_sync_runs_and_keeps_ranks_identical(tmp_path, monkeypatch):
         rank0, rank1 = load_record(str(out), 0), load_record(str(out), 1)
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["weights"] == rank1["weights"]
-    torch.testing.assert_close(rank0["state"]["method"]["alpha"], rank1["state"]["method"]["alpha"])
+    torch.testing.assert_close(
+        rank0["state"]["state"]["method"]["alpha"], rank1["state"]["state"]["method"]["alpha"]
+    )
     assert all(torch.isfinite(torch.tensor(list(rank0["weights"].values()))))

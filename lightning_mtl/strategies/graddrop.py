@@ -126,10 +126,10 @@ class GradDrop(MTLStrategy):
         super().reset_state()
         self._generator = None
 
-    def state_dict(self) -> dict[str, Any]:
+    def task_state(self) -> dict[str, Any]:
         return {} if self._generator is None else {"generator": self._generator.get_state()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "generator" in state_dict:
+    def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
+        if "generator" in state:
             self._generator = torch.Generator()
-            self._generator.set_state(state_dict["generator"])
+            self._generator.set_state(state["generator"])

@@ -20,6 +20,7 @@ from lightning_mtl.gradients import JacobianMethod, TaskGradients
 from lightning_mtl.step import StepContext
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
 from lightning_mtl.strategies.base import MTLStrategy
+from lightning_mtl.task_state import take_tasks
 
 #: how the last shared layer is named: a parameter name or module path of the LightningModule, or a
 #: callable ``module -> parameter(s)``; ``None`` picks a default (see :class:`GradNorm`).
@@ -291,7 +292,7 @@ class GradNorm(MTLStrategy):
         )
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
+    def task_state(self) -> dict[str, Any]:
         if self._learnable is None:
             return {}
         return {
@@ -300,12 +301,11 @@ class GradNorm(MTLStrategy):
             "initial_count": self._initial_count,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "learnable" not in state_dict:
+    def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
+        if "learnable" not in state:
             return
-        if self._learnable is None:
-            raise RuntimeError("GradNorm state can only be loaded after it is attached (setup).")
-        self._learnable.load_state_dict(state_dict["learnable"])
-        initial = state_dict["initial_sum"]
-        self._initial_sum = None if initial is None else initial.double().cpu()
-        self._initial_count = int(state_dict["initial_count"])
+        assert self._learnable is not None, "bind() builds the weights before a state is loaded"
+        self._learnable.load_state_dict(state["learnable"], order)
+        initial = state["initial_sum"]
+        self._initial_sum = None if initial is None else take_tasks(initial.double().cpu(), order)
+        self._initial_count = int(state["initial_count"])

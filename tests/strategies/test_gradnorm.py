@@ -268,7 +268,7 @@ def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, monkeypa
         assert rank0["weights"][task] == pytest.approx(w, abs=1e-5), task
     assert any(abs(w - 1) > 1e-2 for w in single["weights"].values()), "weights never moved"
     torch.testing.assert_close(
-        rank0["state"]["initial_sum"], single["state"]["initial_sum"], atol=1e-5, rtol=0
+        rank0["state"]["state"]["initial_sum"], single["state"]["state"]["initial_sum"], atol=1e-5, rtol=0
     )
 
 

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_mtl.step import StepContext
+
 
 def check_every_n_steps(owner: str, every_n_steps: int) -> int:
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -17,7 +19,7 @@ def check_every_n_steps(owner: str, every_n_steps: int) -> int:
     return every_n_steps
 
 
-def is_measured_step(trainer: pl.Trainer, ctx: Any, every_n_steps: int) -> bool:
+def is_measured_step(trainer: pl.Trainer, ctx: StepContext, every_n_steps: int) -> bool:
     """True on the first micro-batch of every ``every_n_steps``-th optimizer step (same answer on every rank)."""
     return bool(ctx.is_window_start) and trainer.global_step % every_n_steps == 0
 
@@ -133,7 +135,7 @@ class SharedGradientProbe(Callback):
         super().__init__()
         self.task_names: tuple[str, ...] = ()
         self._params: list[torch.nn.Parameter] | None = None
-        self._engine: Any = None
+        self._gradients: Any = None
         self.reset()
 
     def reset(self) -> None:
@@ -142,7 +144,7 @@ class SharedGradientProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning_mtl.gradients import JacobianEngine, shared_parameters_of
+        from lightning_mtl.gradients import TaskGradients, shared_parameters_of
 
         name = type(self).__name__
         if not hasattr(pl_module, "task_names"):
@@ -151,7 +153,7 @@ class SharedGradientProbe(Callback):
         if trainer.global_step == 0:
             self.reset()
         self._params = shared_parameters_of(pl_module, name)
-        self._engine = JacobianEngine("auto", owner=name)
+        self._gradients = TaskGradients(name)
 
     def on_task_losses(
         self,
@@ -160,22 +162,24 @@ class SharedGradientProbe(Callback):
         losses: Mapping[str, Tensor],
         batch: Any,
         batch_idx: int,
-        ctx: Any,
+        ctx: StepContext,
     ) -> None:
         """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
         if is_measured_step(trainer, ctx, self.every_n_steps):
             self.measure(trainer, pl_module, batch, batch_idx, ctx)
 
     def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: StepContext
     ) -> None:
         """One measurement on a measured step (the step's graph is alive; ``ctx.losses`` holds the losses)."""
         raise NotImplementedError
 
-    def shared_jacobian(self, trainer: pl.Trainer, ctx: Any) -> Tensor:
+    def shared_jacobian(self, trainer: pl.Trainer, ctx: StepContext) -> Tensor:
         """``[T, P]`` task gradients on the shared parameters of this step, unscaled and averaged over ranks
         (no DDP hook fires: one explicit reduction)."""
-        from lightning_mtl.gradients import grad_scale, reduce_mean_
-
-        assert self._params is not None, "setup() has not run"
-        return reduce_mean_(trainer, self._engine(ctx.losses, self._params, scale=grad_scale(trainer)))
+        assert self._gradients is not None, "setup() has not run"
+        self._gradients.reset()
+        self._gradients.add(ctx, keep_graph=False)
+        J = self._gradients.jacobian(ctx)
+        self._gradients.reset()
+        return J

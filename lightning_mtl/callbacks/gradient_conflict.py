@@ -16,6 +16,8 @@ from lightning_mtl.callbacks._report import (
     matrix_table,
     print_rich,
 )
+from lightning_mtl.functional import cosine_similarities, gramian
+from lightning_mtl.step import StepContext
 from lightning_mtl.task_state import take_tasks, task_order
 
 
@@ -26,14 +28,10 @@ def conflict_statistics(J: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     NeurIPS 2020). A zero gradient has cosine 0 with every other one (and 1 with itself). With one task the
     fraction is 0.
     """
-    J = J.reshape(J.shape[0], -1).double()
-    norms = J.norm(dim=1)
-    G = J @ J.T
-    denom = norms[:, None] * norms[None, :]
-    cos = torch.where(denom > 0, G / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(G))
-    cos = cos.clamp(-1.0, 1.0)
-    cos.fill_diagonal_(1.0)
-    T = J.shape[0]
+    G = gramian(J)
+    norms = G.diagonal().clamp_min(0).sqrt()
+    cos = cosine_similarities(G)
+    T = G.shape[0]
     iu = torch.triu_indices(T, T, offset=1)
     pairs = cos[iu[0], iu[1]]
     fraction = (pairs < 0).double().mean() if pairs.numel() else torch.zeros((), dtype=torch.float64)
@@ -89,7 +87,7 @@ class GradientConflictMonitor(SharedGradientProbe):
 
     # ------------------------------------------------------------------ the measurement
     def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: StepContext
     ) -> None:
         cos, norms, fraction = conflict_statistics(self.shared_jacobian(trainer, ctx))
         self._record(trainer.global_step, cos, norms, fraction)

@@ -17,6 +17,7 @@ from lightning_mtl.callbacks._report import (
     matrix_table,
     print_rich,
 )
+from lightning_mtl.step import StepContext
 from lightning_mtl.task_state import take_tasks, task_order
 
 
@@ -111,9 +112,10 @@ class TaskAffinity(SharedGradientProbe):
         return float(trainer.optimizers[0].param_groups[0]["lr"])
 
     def measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, ctx: StepContext
     ) -> None:
-        from lightning_mtl.gradients import reduce_mean_, unflatten
+        from lightning_mtl.gradients import unflatten
+        from lightning_mtl.step import reduce_mean
 
         J = self.shared_jacobian(trainer, ctx)
         params = self._params
@@ -143,7 +145,7 @@ class TaskAffinity(SharedGradientProbe):
                 for b, b0 in buffers:
                     b.data.copy_(b0)
                 torch.clear_autocast_cache()
-        stacked = reduce_mean_(trainer, torch.stack(rows))  # [T + 1, T]: L(θ), then L(θ'ᵢ) for each i
+        stacked = reduce_mean(trainer, torch.stack(rows))  # [T + 1, T]: L(θ), then L(θ'ᵢ) for each i
         Z = lookahead_affinity(stacked[0], stacked[1:]).detach().cpu().float()
         self.last = Z
         self._sum = Z.clone() if self._sum is None else self._sum + Z

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from lightning_mtl.functional.aligned_mtl import AlignedMTLScale
@@ -13,6 +14,9 @@ from lightning_mtl.strategies._preference import Preference, check_preference, p
 from lightning_mtl.task import Task
 
 _SCALES = ("min", "median", "rmse")
+
+
+_GRADIENT_EPS = torch.finfo(torch.float32).eps
 
 
 class AlignedMTL(GradientWeighting):
@@ -59,4 +63,7 @@ class AlignedMTL(GradientWeighting):
         self._preference = preference_tensor(self.preference, self.task_names, "AlignedMTL")
 
     def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
-        return aligned_mtl_weights(stat, scale_mode=self.scale_mode, preference=self._preference)
+        # the per-task gradients are float32 (the module stacks the losses in float32): drop what is rounding
+        return aligned_mtl_weights(
+            stat, scale_mode=self.scale_mode, preference=self._preference, eps=_GRADIENT_EPS
+        )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_mtl.functional.gradient_methods import imtl_g_weights
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
+
+_GRADIENT_EPS = torch.finfo(torch.float32).eps
 
 
 class IMTLG(GradientWeighting):
@@ -38,4 +41,5 @@ class IMTLG(GradientWeighting):
         super().__init__(mode=mode, update_every=update_every, sync=sync, jacobian=jacobian)
 
     def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
-        return imtl_g_weights(stat)
+        # the per-task gradients are float32 (the module stacks the losses in float32): drop what is rounding
+        return imtl_g_weights(stat, eps=_GRADIENT_EPS)

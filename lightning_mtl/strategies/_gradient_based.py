@@ -41,7 +41,8 @@ from lightning_mtl.gradients import (
     shared_parameters_of,
 )
 from lightning_mtl.step import StepContext, reduce_mean
-from lightning_mtl.strategies.base import MTLStrategy, global_seed
+from lightning_mtl.strategies._random import SeededGenerator
+from lightning_mtl.strategies.base import MTLStrategy
 
 GradientMode = Literal["parameters", "representation"]
 
@@ -110,7 +111,7 @@ class GradientWeighting(MTLStrategy):
     def _reset(self) -> None:
         self._weights: Tensor | None = None
         self._since_update = 0
-        self._generator: torch.Generator | None = None
+        self._random = SeededGenerator(self.seed)
         self._metrics: dict[str, Tensor] = {}
         self._computing = True
         self._clip_pending = False
@@ -138,9 +139,7 @@ class GradientWeighting(MTLStrategy):
     @property
     def generator(self) -> torch.Generator:
         """CPU generator seeded with ``seed`` (default: the global seed), identical on every rank."""
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(global_seed(self.seed))
-        return self._generator
+        return self._random.get()
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -257,8 +256,7 @@ class GradientWeighting(MTLStrategy):
             "since_update": self._since_update,
             "method": dict(self.method_state()),
         }
-        if self._generator is not None:
-            state["generator"] = self._generator.get_state()
+        state.update(self._random.state())
         return state
 
     def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
@@ -267,7 +265,5 @@ class GradientWeighting(MTLStrategy):
         weights = state.get("weights")
         self._weights = None if weights is None else take_tasks(weights, order).clone()
         self._since_update = int(state.get("since_update", 0))
-        if "generator" in state:
-            self._generator = torch.Generator()
-            self._generator.set_state(state["generator"])
+        self._random.load(state)
         self.load_method_state(state.get("method", {}), order)

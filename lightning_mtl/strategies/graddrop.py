@@ -13,7 +13,8 @@ from torch import Tensor
 from lightning_mtl.functional.gradient_methods import graddrop
 from lightning_mtl.gradients import JacobianMethod, TaskGradients, grad_scale
 from lightning_mtl.step import StepContext
-from lightning_mtl.strategies.base import MTLStrategy, global_seed
+from lightning_mtl.strategies._random import SeededGenerator
+from lightning_mtl.strategies.base import MTLStrategy
 from lightning_mtl.task import Task
 
 
@@ -69,7 +70,7 @@ class GradDrop(MTLStrategy):
             representation_fix="GradDrop works on the representation only (it has no parameters mode)",
         )
         self._leak: Tensor | None = None
-        self._generator: torch.Generator | None = None
+        self._random = SeededGenerator(seed)
 
     def bind(self, tasks: Sequence[Task]) -> None:
         super().bind(tasks)
@@ -85,9 +86,7 @@ class GradDrop(MTLStrategy):
 
     @property
     def generator(self) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(global_seed(self.seed))
-        return self._generator
+        return self._random.get()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -124,12 +123,10 @@ class GradDrop(MTLStrategy):
 
     def reset_state(self) -> None:
         super().reset_state()
-        self._generator = None
+        self._random.reset()
 
     def task_state(self) -> dict[str, Any]:
-        return {} if self._generator is None else {"generator": self._generator.get_state()}
+        return self._random.state()
 
     def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
-        if "generator" in state:
-            self._generator = torch.Generator()
-            self._generator.set_state(state["generator"])
+        self._random.load(state)

@@ -6,13 +6,12 @@ import math
 import numbers
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
 from torch import Tensor
 
 from lightning_mtl.functional.loss_weighting import RandomDistribution, random_weights
+from lightning_mtl.step import StepContext
 from lightning_mtl.strategies._loss_based import LossWeighting
-from lightning_mtl.strategies.base import StepContext, global_seed
+from lightning_mtl.strategies._random import SeededGenerator
 from lightning_mtl.task_state import take_tasks
 
 
@@ -56,20 +55,15 @@ class RLW(LossWeighting):
         self.distribution = distribution
         self.concentration = float(concentration)
         self.seed = seed
-        self._generator: torch.Generator | None = None
+        self._random = SeededGenerator(seed)
         #: ``_draw[i]``: which entry of each draw goes to task ``i`` (``None``: entry ``i``); set when a
         #: checkpoint is resumed with the tasks in another order
         self._draw: list[int] | None = None
 
     def reset_state(self) -> None:
         super().reset_state()
-        self._generator = None  # setup() seeds a fresh one: a new run draws the same weights as a new RLW
+        self._random.reset()  # a new run draws the same weights as a new RLW
         self._draw = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(global_seed(self.seed))
 
     def backward(self, ctx: StepContext) -> None:
         self._window_start = ctx.is_window_start
@@ -77,8 +71,7 @@ class RLW(LossWeighting):
 
     def compute_weights(self, losses: Tensor) -> Tensor:
         if self._weights is None or self._window_start:
-            assert self._generator is not None
-            drawn = random_weights(self.num_tasks, self._generator, self.distribution, self.concentration)
+            drawn = random_weights(self.num_tasks, self._random.get(), self.distribution, self.concentration)
             self._weights = drawn if self._draw is None else take_tasks(drawn, self._draw)
         return self._weights.to(losses.device)
 
@@ -94,8 +87,7 @@ class RLW(LossWeighting):
             "weights": None if self._weights is None else self._weights.cpu(),
             "draw": list(range(self.num_tasks)) if self._draw is None else list(self._draw),
         }
-        if self._generator is not None:
-            state["generator"] = self._generator.get_state()
+        state.update(self._random.state())
         return state
 
     def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
@@ -107,8 +99,6 @@ class RLW(LossWeighting):
         # the task that took draw k before the resume still takes it: a resumed run with reordered tasks draws
         # the same weights per task as the uninterrupted run
         draw = [int(saved_draw[j]) for j in order]
-        if "generator" in state:
-            self._generator = torch.Generator()
-            self._generator.set_state(state["generator"])
+        self._random.load(state)
         self._weights = weights
         self._draw = None if draw == list(range(len(draw))) else draw

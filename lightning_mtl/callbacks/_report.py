@@ -9,7 +9,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_mtl._lightning import logging_step
 from lightning_mtl.step import StepContext
 
 
@@ -32,7 +34,7 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     """
     if trainer.global_rank != 0 or not metrics:
         return
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    step = logging_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
 
@@ -49,7 +51,7 @@ def log_heatmap(
     loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
     if not loggers:
         return
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    step = logging_step(trainer)
     figure = heatmap_figure(matrix, labels, title, vmin, vmax)
     for logger in loggers:
         if figure is not None:
@@ -141,6 +143,7 @@ class SharedGradientProbe(Callback):
     def reset(self) -> None:
         """Forget every measurement (a new training run starts afresh; a checkpoint is restored after setup)."""
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_mtl.metrics import as_float_dict, delta_m
 
@@ -62,9 +63,11 @@ class DeltaM(Callback):
         self.last: dict[str, float] = {}
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(baselines=sorted(self.baselines))
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.directions = resolve_directions(pl_module, self.baselines, self.higher_is_better_overrides)
 

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_mtl.callbacks._report import (
     SharedGradientProbe,
@@ -82,6 +83,7 @@ class GradientConflictMonitor(SharedGradientProbe):
         self.last: dict[str, Any] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps)
 
@@ -126,9 +128,11 @@ class GradientConflictMonitor(SharedGradientProbe):
     def mean_conflict_fraction(self) -> float | None:
         return None if not self._count else self._sum_fraction / self._count
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_cos, self._epoch_count = None, 0
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_heatmap and self._epoch_cos is not None and self._epoch_count:
             log_heatmap(
@@ -141,6 +145,7 @@ class GradientConflictMonitor(SharedGradientProbe):
                 1.0,
             )
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mean = self.mean_cosine
         if self.print_summary and mean is not None and trainer.global_rank == 0:
@@ -155,6 +160,7 @@ class GradientConflictMonitor(SharedGradientProbe):
             )
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "task_names": list(self.task_names),
@@ -164,6 +170,7 @@ class GradientConflictMonitor(SharedGradientProbe):
             "count": self._count,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore by task name: the module's tasks may be in another order, not another set."""
         saved = tuple(state_dict["task_names"])

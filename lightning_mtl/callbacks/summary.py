@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
 
 class MTLSummary(Callback):
@@ -30,6 +31,7 @@ class MTLSummary(Callback):
         self.delta_m: float | None = None
         self.strategy_name: str = ""
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = tuple(getattr(pl_module, "task_names", ()))
         if not names:

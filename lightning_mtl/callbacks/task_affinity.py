@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_mtl._lightning import silenced_logging
 from lightning_mtl.callbacks._report import (
     SharedGradientProbe,
     check_every_n_steps,
@@ -85,6 +87,7 @@ class TaskAffinity(SharedGradientProbe):
         self.last: Tensor | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, lr=self.lr)
 
@@ -131,7 +134,7 @@ class TaskAffinity(SharedGradientProbe):
             rng = torch.get_rng_state()
             cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
             stack.enter_context(torch.no_grad())
-            stack.enter_context(_silenced_logging(pl_module))
+            stack.enter_context(silenced_logging(pl_module))
             try:
                 rows.append(self._losses_at(pl_module, batch, batch_idx, rng, devices, cuda_rng))
                 for i in range(T):
@@ -176,6 +179,7 @@ class TaskAffinity(SharedGradientProbe):
         return torch.stack([losses[n].detach().float() for n in pl_module.task_names])
 
     # ------------------------------------------------------------------ reporting
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mean = self.affinity
         if self.log_heatmap and mean is not None:
@@ -190,6 +194,7 @@ class TaskAffinity(SharedGradientProbe):
                 bound,
             )
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mean = self.affinity
         if self.print_table and mean is not None and trainer.global_rank == 0:
@@ -203,9 +208,11 @@ class TaskAffinity(SharedGradientProbe):
             )
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"task_names": list(self.task_names), "sum": self._sum, "count": self._count}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore by task name: the module's tasks may be in another order, not another set."""
         saved = tuple(state_dict["task_names"])
@@ -217,20 +224,3 @@ class TaskAffinity(SharedGradientProbe):
             self.task_names = saved
         self._sum = total
         self._count = int(state_dict["count"])
-
-
-@contextmanager
-def _silenced_logging(pl_module: pl.LightningModule) -> Any:
-    """Make ``self.log`` / ``self.log_dict`` no-ops during the lookahead forwards: a ``task_losses`` that logs
-    would otherwise log the values at the perturbed parameters (and count them into its epoch means)."""
-
-    def no_op(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    pl_module.__dict__["log"] = no_op
-    pl_module.__dict__["log_dict"] = no_op
-    try:
-        yield
-    finally:
-        pl_module.__dict__.pop("log", None)
-        pl_module.__dict__.pop("log_dict", None)

@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_mtl.functional import cosine_min
 from lightning_mtl.gradients import (
@@ -142,6 +143,7 @@ class GradientWeighting(MTLStrategy):
         return self._random.get()
 
     # ------------------------------------------------------------------ lifecycle
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.mode == "parameters":
@@ -226,6 +228,7 @@ class GradientWeighting(MTLStrategy):
         self._since_update += 1
         self._clip_pending = False
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:

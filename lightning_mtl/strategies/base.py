@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_mtl.step import StepContext
 from lightning_mtl.task_state import task_order
@@ -62,6 +63,7 @@ class MTLStrategy(Callback):
         self._tasks = tuple(tasks)
         self._task_names = tuple(t.name for t in tasks)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_single_strategy(trainer)
         tasks = getattr(pl_module, "tasks", None)
@@ -136,12 +138,14 @@ class MTLStrategy(Callback):
         """Restore :meth:`task_state`; ``order[i]`` is the index in ``state`` of current task ``i`` (see
         :func:`~lightning_mtl.task_state.take_tasks`)."""
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """``{"tasks": [names], "config": state_config(), "state": task_state()}``."""
         if self._task_names is None:
             return {"tasks": None, "config": {}, "state": {}}
         return {"tasks": list(self._task_names), "config": self.state_config(), "state": self.task_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` by task name; a different task set or configuration is an error.
 

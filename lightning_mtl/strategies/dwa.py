@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_mtl.functional.loss_weighting import dwa_weights
 from lightning_mtl.strategies._loss_based import LossWeighting
@@ -51,6 +52,7 @@ class DWA(LossWeighting):
         self._sum, self._count = None, 0
         self._epoch_weights = None
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

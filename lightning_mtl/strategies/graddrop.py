@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_mtl.functional.gradient_methods import graddrop
 from lightning_mtl.gradients import JacobianMethod, TaskGradients, grad_scale
@@ -88,6 +89,7 @@ class GradDrop(MTLStrategy):
     def generator(self) -> torch.Generator:
         return self._random.get()
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         _ = self.generator

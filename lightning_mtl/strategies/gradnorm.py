@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_mtl.functional.gradnorm import (
     gradnorm_objective,
@@ -131,6 +132,7 @@ class GradNorm(MTLStrategy):
         if self._learnable is None or self._learnable.param.numel() != len(self.task_names):
             self._learnable = LearnableParameters(torch.ones(len(self.task_names)), self.optimizer, self.lr)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":

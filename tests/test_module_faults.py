@@ -106,6 +106,22 @@ def test_nan_gradients_on_every_batch_reach_the_bound_naming_the_gradient():
         trainer(max_epochs=1).fit(net, dummy_loader(5))
 
 
+def test_huge_but_finite_gradients_are_not_called_non_finite():
+    class Huge(ScalarNet):
+        def __init__(self) -> None:
+            super().__init__(lr=1e-21)
+            self.w = torch.nn.Parameter(torch.zeros(4))
+
+        def task_losses(self, batch, batch_idx):
+            losses = super().task_losses(batch, batch_idx)
+            losses["t0"] = losses["t0"] + 1e20 * self.w.sum()  # gradient 1e20 per entry: its 2-norm overflows
+            return losses
+
+    net = Huge()
+    trainer(max_epochs=1).fit(net, dummy_loader(2))
+    assert torch.allclose(net.w.detach(), torch.full((4,), -0.2))
+
+
 def test_under_a_grad_scaler_non_finite_gradients_are_the_scalers_business():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     net = Faulty("grad", bad=lambda i, e: i == 0)  # nonfinite="raise"

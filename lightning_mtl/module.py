@@ -7,7 +7,6 @@ Its helpers live next to it: :mod:`lightning_mtl.nonfinite` (the NaN/inf policy)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from typing_extensions import override
 
 from lightning_mtl import _lightning
 from lightning_mtl._logging import add_tensorboard_layout
+from lightning_mtl.checks import check_fit_configuration, check_module_arguments, stack_losses
 from lightning_mtl.evaluation import (
     EvalLosses,
     batch_size,
@@ -26,7 +26,6 @@ from lightning_mtl.evaluation import (
     log_task_metrics,
     num_eval_dataloaders,
 )
-from lightning_mtl.losses import stack_losses
 from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
 from lightning_mtl.schedulers import (
@@ -81,23 +80,7 @@ class MultiTaskModule(pl.LightningModule):
         self.automatic_optimization = False
         self.tasks: tuple[Task, ...] = build_tasks(tasks)
         self.task_names: tuple[str, ...] = tuple(t.name for t in self.tasks)
-        if (
-            isinstance(accumulate_grad_batches, bool)
-            or not isinstance(accumulate_grad_batches, int)
-            or accumulate_grad_batches < 1
-        ):
-            raise ValueError(f"accumulate_grad_batches must be an int >= 1, got {accumulate_grad_batches!r}.")
-        if gradient_clip_val is not None and not (
-            isinstance(gradient_clip_val, (int, float))
-            and not isinstance(gradient_clip_val, bool)
-            and math.isfinite(gradient_clip_val)
-            and gradient_clip_val > 0
-        ):
-            raise ValueError(f"gradient_clip_val must be a number > 0 or None, got {gradient_clip_val!r}.")
-        if gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(
-                f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}."
-            )
+        check_module_arguments(accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm)
         self._nonfinite = NonFiniteGuard(nonfinite, max_consecutive_skips, self.task_names)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
@@ -205,36 +188,13 @@ class MultiTaskModule(pl.LightningModule):
             self._check_fit_configuration()
 
     def _check_fit_configuration(self) -> None:
-        trainer = self._trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return
-        if type(self).training_step is not MultiTaskModule.training_step:
-            raise TypeError(
-                f"{type(self).__name__} overrides training_step: a MultiTaskModule's training_step is its "
-                "optimisation loop (manual optimisation: what an override returns is ignored and nothing "
-                "trains). Remove the override and compute the step's losses in task_losses(batch, batch_idx) "
-                "(log extra values there with self.log)."
-            )
-        for flag, value, fine in (
-            ("gradient_clip_val", trainer.gradient_clip_val, not trainer.gradient_clip_val),
-            (
-                "accumulate_grad_batches",
-                trainer.accumulate_grad_batches,
-                trainer.accumulate_grad_batches == 1,
-            ),
-        ):
-            if not fine:
-                raise ValueError(
-                    f"Trainer({flag}={value!r}) does not apply to a MultiTaskModule: it optimises manually, "
-                    f"where Lightning rejects the flag. Remove it from the Trainer and pass it to the module: "
-                    f"MultiTaskModule(tasks=..., {flag}={value!r}) (forward it from your __init__, e.g. "
-                    f"super().__init__(tasks=..., {flag}={value!r}))."
-                )
-        wrap_instance_configure_optimizers(self)  # e.g. LightningCLI's (lightning_mtl.schedulers)
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            check_fit_configuration(self, MultiTaskModule.training_step)  # (lightning_mtl.checks)
+            wrap_instance_configure_optimizers(self)  # e.g. LightningCLI's (lightning_mtl.schedulers)
 
     # ================================================================== validation of user output
     def _stack_losses(self, losses: Any, stage: str, training: bool) -> Tensor:
-        """Check ``task_losses``' output and stack it in task order: ``[T]`` float32 (:mod:`lightning_mtl.losses`)."""
+        """Check ``task_losses``' output and stack it in task order: ``[T]`` float32 (:mod:`lightning_mtl.checks`)."""
         return stack_losses(losses, self.task_names, self.device, stage, training)
 
     # ================================================================== training

@@ -1,15 +1,66 @@
-"""What :meth:`~lightning_mtl.MultiTaskModule.task_losses` returns, checked: every mistake is an error naming the
-task, the value and the fix."""
+"""What a user gives :class:`~lightning_mtl.MultiTaskModule`, checked: its arguments, the fit's configuration
+(an overridden ``training_step``, Trainer flags of automatic optimisation) and what ``task_losses`` returns. Every
+mistake is an error naming the task or argument, the value and the fix."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-__all__ = ["stack_losses"]
+__all__ = ["check_fit_configuration", "check_module_arguments", "stack_losses"]
+
+
+def check_module_arguments(
+    accumulate_grad_batches: Any, gradient_clip_val: Any, gradient_clip_algorithm: Any
+) -> None:
+    """Validate the module's optimisation arguments (at construction)."""
+    if (
+        isinstance(accumulate_grad_batches, bool)
+        or not isinstance(accumulate_grad_batches, int)
+        or accumulate_grad_batches < 1
+    ):
+        raise ValueError(f"accumulate_grad_batches must be an int >= 1, got {accumulate_grad_batches!r}.")
+    if gradient_clip_val is not None and not (
+        isinstance(gradient_clip_val, (int, float))
+        and not isinstance(gradient_clip_val, bool)
+        and math.isfinite(gradient_clip_val)
+        and gradient_clip_val > 0
+    ):
+        raise ValueError(f"gradient_clip_val must be a number > 0 or None, got {gradient_clip_val!r}.")
+    if gradient_clip_algorithm not in ("norm", "value"):
+        raise ValueError(
+            f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}."
+        )
+
+
+def check_fit_configuration(module: pl.LightningModule, loop: Callable[..., Any]) -> None:
+    """When a fit starts: refuse an overridden ``training_step`` (``loop`` is the module's own) and the Trainer
+    flags that manual optimisation rejects, before Lightning does (its message says to switch to automatic
+    optimisation)."""
+    if type(module).training_step is not loop:
+        raise TypeError(
+            f"{type(module).__name__} overrides training_step: a MultiTaskModule's training_step is its "
+            "optimisation loop (manual optimisation: what an override returns is ignored and nothing "
+            "trains). Remove the override and compute the step's losses in task_losses(batch, batch_idx) "
+            "(log extra values there with self.log)."
+        )
+    trainer = module.trainer
+    for flag, value, fine in (
+        ("gradient_clip_val", trainer.gradient_clip_val, not trainer.gradient_clip_val),
+        ("accumulate_grad_batches", trainer.accumulate_grad_batches, trainer.accumulate_grad_batches == 1),
+    ):
+        if not fine:
+            raise ValueError(
+                f"Trainer({flag}={value!r}) does not apply to a MultiTaskModule: it optimises manually, "
+                f"where Lightning rejects the flag. Remove it from the Trainer and pass it to the module: "
+                f"MultiTaskModule(tasks=..., {flag}={value!r}) (forward it from your __init__, e.g. "
+                f"super().__init__(tasks=..., {flag}={value!r}))."
+            )
 
 
 def stack_losses(

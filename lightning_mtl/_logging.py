@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch import Tensor
 
-#: the keys every run logs (documented in the README)
+#: the keys every run logs (documented in docs/training.md)
 LAYOUT = {
     "lightning-mtl": {
         "task weights": ["Multiline", [r"^train/weight/.*"]],

@@ -14,6 +14,7 @@ from lightning_mtl.strategies import (
     GLS,
     RLW,
     EqualWeighting,
+    GradNorm,
     GradVac,
     NashMTL,
     StaticWeighting,
@@ -88,6 +89,8 @@ STATEFUL = {
     "uncertainty": lambda: UncertaintyWeighting(optimizer="adam", lr=0.05),
     "dwa": lambda: DWA(),
     "rlw": lambda: RLW(seed=3),
+    "gradnorm": lambda: GradNorm(alpha=1.5, optimizer="adam", lr=0.05, initial_loss_steps=2),
+    "nash": lambda: NashMTL(),
 }
 
 
@@ -189,7 +192,9 @@ def _trained(strategy, tasks=ABC, epochs=2):
 
 
 @pytest.mark.parametrize(
-    "make", [UncertaintyWeighting, DWA, lambda: RLW(seed=0)], ids=["uncertainty", "dwa", "rlw"]
+    "make",
+    [UncertaintyWeighting, DWA, lambda: RLW(seed=0), GradNorm, NashMTL],
+    ids=["uncertainty", "dwa", "rlw", "gradnorm", "nash"],
 )
 def test_another_task_set_is_a_clear_error(make):
     state = _trained(make()).state_dict()

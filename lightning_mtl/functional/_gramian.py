@@ -14,15 +14,18 @@ from torch import Tensor
 
 from ._checks import CPU, F64, check_positive_float, check_square, prepare_gramian
 
-# Elements of J converted to float64 at a time (32 MiB): bounds the extra memory of a large Jacobian.
+# Elements of J converted to float64 at a time: at most 32 MiB, and at most a quarter of J's float32 bytes
+# (an eighth of its elements), so that the conversion never dominates the step's memory.
 _CHUNK_ELEMENTS = 1 << 22
+_MIN_CHUNK_COLUMNS = 256
 
 
 def gramian(J: Tensor) -> Tensor:
     """Gramian ``G = J Jᵀ`` (``[T, T]``, float64, symmetric) of the task Jacobian ``J`` (``[T, ...]``).
 
     ``J`` is flattened to ``[T, N]`` and may have any floating dtype (float16 and bfloat16 included); the
-    product is accumulated in float64 over column chunks of a few million elements, so neither the result
+    product is accumulated in float64 over column chunks (at most 4M elements, and at most an eighth of
+    ``J``), so neither the result
     overflows or underflows (a float32 ``J`` with entries of ``1e30`` or ``1e-30`` gives an exact-scale
     Gramian) nor is a float64 copy of a large ``J`` made. The result stays on ``J``'s device.
     """
@@ -36,7 +39,8 @@ def gramian(J: Tensor) -> Tensor:
         raise ValueError(f"J must be floating point for gramian, got dtype {J.dtype}.")
     T = J.shape[0]
     flat = J.reshape(T, -1)
-    width = max(1, _CHUNK_ELEMENTS // T)
+    chunk = min(_CHUNK_ELEMENTS, max(T * _MIN_CHUNK_COLUMNS, flat.numel() // 8))
+    width = max(1, chunk // T)
     G = torch.zeros(T, T, dtype=F64, device=J.device)
     for start in range(0, flat.shape[1], width):
         block = flat[:, start : start + width].to(F64)

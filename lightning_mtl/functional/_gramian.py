@@ -1,8 +1,10 @@
 """The task Gramian ``G = J Jᵀ`` and what is read from it: cosine similarities, the update's norm.
 
-:func:`gramian` accumulates in float64 whatever the dtype of ``J``: every entry of a float32 (or half) ``J``
-can then be anywhere in its dtype's range without the product overflowing or underflowing, which is what
-makes the weights of the scale-invariant methods independent of the scale of the losses.
+:func:`gramian` returns float64 whatever the dtype of ``J``, and rescales ``J`` by an exact power of two
+whenever its entries are too large or too small for the product to stay in float32's range: every entry of
+a float32 (or half) ``J`` can then be anywhere in its dtype's range, which is what makes the weights of the
+scale-invariant methods independent of the scale of the losses. The products themselves are accumulated in
+float32 (a float64 ``J`` in float64), at the speed of a float32 matrix product, without a copy of ``J``.
 """
 
 from __future__ import annotations
@@ -14,20 +16,25 @@ from torch import Tensor
 
 from ._checks import CPU, F64, check_positive_float, check_square, prepare_gramian
 
-# Elements of J converted to float64 at a time: at most 32 MiB, and at most a quarter of J's float32 bytes
-# (an eighth of its elements), so that the conversion never dominates the step's memory.
+# Columns of J converted (to float32, or rescaled) at a time: at most 4M elements and at most an eighth of J,
+# so that a conversion never dominates the step's memory.
 _CHUNK_ELEMENTS = 1 << 22
 _MIN_CHUNK_COLUMNS = 256
+# float32 products of rows whose largest magnitudes are 2^e stay in float32's normal range, for every entry
+# down to 2^-40 of its row's largest, when every -40 <= e and 2e + log2(columns) <= 100 (2^-126 to 2^128).
+_LOWEST_EXPONENT, _HIGHEST_SUM_EXPONENT = -40, 100
 
 
 def gramian(J: Tensor) -> Tensor:
     """Gramian ``G = J Jᵀ`` (``[T, T]``, float64, symmetric) of the task Jacobian ``J`` (``[T, ...]``).
 
-    ``J`` is flattened to ``[T, N]`` and may have any floating dtype (float16 and bfloat16 included); the
-    product is accumulated in float64 over column chunks (at most 4M elements, and at most an eighth of
-    ``J``), so neither the result
-    overflows or underflows (a float32 ``J`` with entries of ``1e30`` or ``1e-30`` gives an exact-scale
-    Gramian) nor is a float64 copy of a large ``J`` made. The result stays on ``J``'s device.
+    ``J`` is flattened to ``[T, N]`` and may have any floating dtype (float16 and bfloat16 included). The
+    products are accumulated in float32 (float64 for a float64 ``J``), after multiplying each task's row by an
+    exact power of two when some row's largest entry is outside the range where float32 products neither
+    overflow nor underflow (a float32 ``J`` with entries of ``1e30`` or ``1e-30``, or tasks whose gradients
+    differ by a factor 1e30, give the Gramian at its exact scale, to float32 precision). A float32 ``J`` in range is used as it is (no copy); otherwise, and for half
+    precision, columns are converted by chunks of at most an eighth of ``J``. One host sync (the largest
+    entry). The result stays on ``J``'s device.
     """
     if not isinstance(J, Tensor):
         raise TypeError(f"J must be a torch.Tensor for gramian, got {type(J).__name__}.")
@@ -39,12 +46,35 @@ def gramian(J: Tensor) -> Tensor:
         raise ValueError(f"J must be floating point for gramian, got dtype {J.dtype}.")
     T = J.shape[0]
     flat = J.reshape(T, -1)
+    if flat.dtype == F64:
+        G = flat @ flat.T
+        return (G + G.T) / 2
+    # each task's largest entry (amin and amax: several times faster than aminmax(dim=1) or an inf-norm on
+    # CPU, and no copy as with abs()); one host sync
+    largest = torch.maximum(-flat.amin(dim=1), flat.amax(dim=1)).tolist()
+    exponents = [math.frexp(v)[1] if v > 0 and math.isfinite(v) else None for v in largest]
+    log_columns = math.log2(flat.shape[1])
+    rescale = any(
+        e is not None and (e < _LOWEST_EXPONENT or 2 * e + log_columns > _HIGHEST_SUM_EXPONENT)
+        for e in exponents
+    )
+    if flat.dtype == torch.float32 and not rescale:
+        G = (flat @ flat.T).to(F64)
+        return (G + G.T) / 2
+    # rescale every task's row by an exact power of two, its largest entry to [0.5, 1): G = D⁻¹ (DJ)(DJ)ᵀ D⁻¹
+    shifts = [-e if rescale and e is not None else 0 for e in exponents]
+    factors = torch.tensor([2.0**k for k in shifts], dtype=F64, device=J.device)
     chunk = min(_CHUNK_ELEMENTS, max(T * _MIN_CHUNK_COLUMNS, flat.numel() // 8))
     width = max(1, chunk // T)
     G = torch.zeros(T, T, dtype=F64, device=J.device)
     for start in range(0, flat.shape[1], width):
-        block = flat[:, start : start + width].to(F64)
-        G = G.addmm(block, block.T)
+        block = flat[:, start : start + width]
+        # 2^shift may be outside float32's range: rescale in float64, then round to float32 (exact, except
+        # for entries that are themselves below float32's range after rescaling)
+        block = (block.to(F64) * factors[:, None]).float() if rescale else block.float()
+        G += (block @ block.T).to(F64)
+    if rescale:
+        G = G / (factors[:, None] * factors[None, :])
     return (G + G.T) / 2
 
 

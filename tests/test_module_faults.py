@@ -168,3 +168,19 @@ def test_a_loss_on_another_device_names_the_task_and_both_devices(stage):
         match=r"task 't1': loss on meta, but the model and the other losses are on cpu.*target.to",
     ):
         getattr(t, stage)(OtherDevice(), dummy_loader(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_fused_gradient_check_finds_nan_and_inf_and_leaves_gradients_untouched(dtype):
+    from lightning_mtl.nonfinite import _all_finite
+
+    g = torch.randn(7, dtype=dtype)
+    g[0] = -0.0
+    other = torch.randn(3)  # another dtype: another group
+    before = g.clone()
+    assert _all_finite([g, other]) and torch.equal(g, before) and g[0].item() == 0.0
+    assert _all_finite([torch.full((2,), torch.finfo(dtype).max, dtype=dtype)])  # finite, however large
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        h = g.clone()
+        h[3] = bad
+        assert not _all_finite([other, h])

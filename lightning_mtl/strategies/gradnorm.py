@@ -17,7 +17,7 @@ from lightning_mtl.functional.gradnorm import (
     inverse_training_rates,
     renormalize_weights,
 )
-from lightning_mtl.gradients import JacobianMethod, TaskGradients
+from lightning_mtl.gradients import JacobianMethod, TaskGradients, gramian
 from lightning_mtl.step import StepContext
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
 from lightning_mtl.strategies.base import MTLStrategy
@@ -230,7 +230,9 @@ class GradNorm(MTLStrategy):
             self._initial_sum = total if self._initial_sum is None else self._initial_sum + total
             self._initial_count += 1
         initial = (self._initial_sum / self._initial_count).to(window_losses)
-        norms = layer_grads.double().norm(dim=1).float()
+        norms = torch.linalg.vector_norm(layer_grads, dim=1)
+        if not bool(torch.isfinite(norms).all()) and bool(torch.isfinite(layer_grads).all()):
+            norms = gramian(layer_grads).diagonal().sqrt().float()  # finite gradients whose norm overflows
         if not self._layer_checked and bool((norms == 0).any()):
             unreached = [t for t, n in zip(self.task_names, norms.tolist()) if n == 0]
             raise RuntimeError(

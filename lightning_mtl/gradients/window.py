@@ -12,7 +12,8 @@
 4. **the one combined backward** (:meth:`TaskGradients.backward`) through Lightning, with the heads
    correction: ``heads="weighted"`` back-propagates ``Σ wᵢLᵢ``; ``heads="plain"`` gives the task-specific
    parameters the plain ``∇ΣLᵢ`` and only the shared part (or the representation) the combination ``Jᵀw``,
-   by back-propagating ``ΣLᵢ + ⟨θ_shared, Jᵀ(w − 1)⟩`` (``⟨z, Σᵢ(wᵢ − 1)∇_z Lᵢ⟩`` in representation mode).
+   by back-propagating ``ΣLᵢ + ⟨θ_shared, Jᵀ(w − 1)⟩`` (``⟨z, Σᵢ(wᵢ − 1)∇_z Lᵢ⟩`` in representation mode);
+   explicit ``head_weights`` ``h`` give the heads ``Σ hᵢ∇Lᵢ`` the same way (IMTL: ``h = e^{s}``).
 
 A strategy then only turns the statistic (:meth:`gramian` or :meth:`jacobian`) into weights.
 """
@@ -181,9 +182,18 @@ class TaskGradients:
         )
 
     # ------------------------------------------------------------------ the combined backward
-    def backward(self, ctx: StepContext, weights: Tensor, heads: Heads = "weighted") -> None:
+    def backward(
+        self, ctx: StepContext, weights: Tensor, heads: Heads = "weighted", head_weights: Tensor | None = None
+    ) -> None:
         """One backward of the window's losses through Lightning: the shared gradient is ``Jᵀw`` of the window
-        (DDP averages it over ranks); the heads get ``wᵢ∇Lᵢ`` (``"weighted"``) or ``∇ΣLᵢ`` (``"plain"``)."""
+        (DDP averages it over ranks); the heads get ``wᵢ∇Lᵢ`` (``"weighted"``) or ``∇ΣLᵢ`` (``"plain"``).
+
+        ``head_weights`` (``[T]``, overrides ``heads``) gives the heads ``Σᵢ hᵢ∇Lᵢ`` while the shared part
+        still gets ``Jᵀw`` (``"plain"`` is ``h = 1``): one backward of ``Σ hᵢLᵢ + ⟨θ_shared, Jᵀ(w − h)⟩``
+        (``⟨z, Σᵢ(wᵢ − hᵢ)∇_z Lᵢ⟩`` in representation mode)."""
+        if head_weights is not None:
+            self._backward_split(ctx, weights, head_weights)
+            return
         if heads == "weighted":
             total = sum((weights.to(L) * L).sum() for L in self._losses)
         elif self.target == "parameters":
@@ -196,6 +206,19 @@ class TaskGradients:
         self.reset()
         ctx.backward(total)
 
+    def _backward_split(self, ctx: StepContext, weights: Tensor, head_weights: Tensor) -> None:
+        """:meth:`backward` with explicit head weights ``h``: heads ``Σ hᵢ∇Lᵢ``, shared part ``Jᵀw``."""
+        if self.target == "parameters":
+            J = self.jacobian(ctx)
+            correction = self._parameter_term(ctx, (weights.to(J) - head_weights.to(J)) @ J)
+            total = sum((head_weights.to(L) * L).sum() for L in self._losses) + self.count * correction
+        else:
+            total = sum((head_weights.to(L) * L).sum() for L in self._losses)
+            for z, Z in self._representations:
+                total = total + self._representation_term(z, (weights.to(Z) - head_weights.to(Z)) @ Z)
+        self.reset()
+        ctx.backward(total)
+
     def backward_representation(self, ctx: StepContext, combined: Sequence[Tensor]) -> None:
         """One backward in which micro-batch ``m``'s representation receives ``combined[m]`` (flat, this rank's)
         instead of ``Σᵢ∇_z Lᵢ``, and everything downstream of it the plain ``∇ΣLᵢ`` (GradDrop, plain heads)."""
@@ -205,17 +228,25 @@ class TaskGradients:
         self.reset()
         ctx.backward(total)
 
-    def backward_reusing(self, ctx: StepContext, weights: Tensor, heads: Heads = "weighted") -> None:
+    def backward_reusing(
+        self, ctx: StepContext, weights: Tensor, heads: Heads = "weighted", head_weights: Tensor | None = None
+    ) -> None:
         """Back-propagate this micro-batch at once with weights computed earlier (``update_every > 1``): no
-        window, no reduction; with ``heads="plain"`` this rank's per-task gradients split shared and heads."""
+        window, no reduction; with ``heads="plain"`` (or ``head_weights``, see :meth:`backward`) this rank's
+        per-task gradients split shared and heads."""
         losses = ctx.losses
-        if heads == "weighted":
+        if head_weights is None and heads == "weighted":
             ctx.backward((weights.to(losses) * losses).sum())
             return
         z, grads = self.local(ctx)
-        c = (weights.to(grads) - 1) @ grads
+        if head_weights is None:
+            c = (weights.to(grads) - 1) @ grads
+            head_loss = losses.sum()
+        else:
+            c = (weights.to(grads) - head_weights.to(grads)) @ grads
+            head_loss = (head_weights.to(losses) * losses).sum()
         term = self._parameter_term(ctx, c) if z is None else self._representation_term(z, c)
-        ctx.backward(losses.sum() + term)
+        ctx.backward(head_loss + term)
 
     def _parameter_term(self, ctx: StepContext, c: Tensor) -> Tensor:
         """A scalar whose gradient is ``c`` on the window's parameters and zero elsewhere."""

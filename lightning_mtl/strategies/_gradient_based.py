@@ -125,6 +125,11 @@ class GradientWeighting(MTLStrategy):
         ``needs == "jacobian"``) of the global batch, and the batch's losses ``[T]`` (averaged over ranks)."""
         raise NotImplementedError
 
+    def head_weights(self) -> Tensor | None:
+        """Weights ``[T]`` of the task-specific parameters' gradient ``Σ hᵢ∇Lᵢ`` when they differ from both
+        ``wᵢ`` and 1 (IMTL: the scaled losses' ``e^{sᵢ}``); ``None`` (default) follows :attr:`heads`."""
+        return None
+
     def method_state(self) -> dict[str, Any]:
         """State the method carries between steps (tensors and primitives, identical on every rank)."""
         return {}
@@ -164,7 +169,7 @@ class GradientWeighting(MTLStrategy):
             self._computing = self._weights is None or self._since_update >= self.update_every
         if not self._computing:
             assert self._weights is not None
-            gradients.backward_reusing(ctx, self._weights, self.heads)
+            gradients.backward_reusing(ctx, self._weights, self.heads, self.head_weights())
             self._clip_pending = ctx.is_sync_step
             return
         gradients.add(ctx)
@@ -175,7 +180,7 @@ class GradientWeighting(MTLStrategy):
             weights = self._update(ctx, stat, gradients.losses)
         else:  # AMP overflow: the GradScaler skips this step; weights and state stay as they were
             weights = nan_weights(self.num_tasks, ctx.losses.device)
-        gradients.backward(ctx, weights, self.heads)
+        gradients.backward(ctx, weights, self.heads, self.head_weights())
         self._clip_pending = True
 
     def _update(self, ctx: StepContext, stat: Tensor, losses: Tensor) -> Tensor:

@@ -25,12 +25,28 @@ from lightning_mtl.functional.loss_weighting import (
     uncertainty_objective_grad,
     uncertainty_weights,
 )
+from lightning_mtl.functional.slaw_stch import (
+    cap_weights,
+    log_loss,
+    log_loss_weights,
+    slaw_update,
+    slaw_weights,
+    stch_loss,
+    stch_weights,
+)
 
 __all__ = [
     *_gradient_all,
     "dwa_weights",
     "gls_loss",
     "gls_weights",
+    "cap_weights",
+    "log_loss",
+    "log_loss_weights",
+    "slaw_update",
+    "slaw_weights",
+    "stch_loss",
+    "stch_weights",
     "gradnorm_objective",
     "gradnorm_targets",
     "gradnorm_weight_grad",

@@ -18,7 +18,9 @@ from lightning_mtl.strategies.mgda import MGDA
 from lightning_mtl.strategies.nash_mtl import NashMTL
 from lightning_mtl.strategies.pcgrad import PCGrad
 from lightning_mtl.strategies.rlw import RLW
+from lightning_mtl.strategies.slaw import SLAW
 from lightning_mtl.strategies.static import StaticWeighting
+from lightning_mtl.strategies.stch import STCH
 from lightning_mtl.strategies.uncertainty import UncertaintyWeighting
 from lightning_mtl.strategies.upgrad import DualProj, UPGrad
 
@@ -28,6 +30,8 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "RLW",
+    "SLAW",
+    "STCH",
     "AlignedMTL",
     "CAGrad",
     "DualProj",

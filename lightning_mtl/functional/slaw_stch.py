@@ -1,0 +1,148 @@
+"""Pure math of SLAW and STCH (no Lightning, no state, no I/O).
+
+Both take the task losses as a 1-D tensor ``[T]`` (task order of the module). SLAW's running statistics are
+passed in and returned, never kept here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_losses(losses: Tensor) -> None:
+    if losses.ndim != 1 or losses.numel() == 0:
+        raise ValueError(f"losses must be a non-empty 1-D tensor [T], got shape {tuple(losses.shape)}.")
+
+
+# ---------------------------------------------------------------------------------------------------- SLAW
+def slaw_warmup_steps(beta: float) -> int:
+    """Number of leading steps over which SLAW's running moments are arithmetic means: ``round(1/(1−β))``
+    (100 for β = 0.99), after which they are exponential moving averages."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"SLAW beta must be in [0, 1), got {beta}.")
+    return max(1, round(1.0 / (1.0 - beta)))
+
+
+def slaw_update(
+    mean: Tensor | None, mean_sq: Tensor | None, losses: Tensor, count: int, beta: float = 0.99
+) -> tuple[Tensor, Tensor]:
+    """One update of SLAW's running moments ``a ≈ E[L]`` and ``b ≈ E[L²]`` with the ``count``-th loss
+    (``count`` = 1 for the first; ``mean``/``mean_sq`` are ``None`` before it).
+
+    For ``count ≤ round(1/(1−β))`` the moments are arithmetic means (``x ← x + (v − x)/count``), afterwards
+    ``x ← βx + (1−β)v`` (the authors' code; the two agree at the switch since ``1/N = 1−β``).
+    """
+    _check_losses(losses)
+    if count < 1:
+        raise ValueError(f"SLAW count must be >= 1 (the index of this loss), got {count}.")
+    v = losses.detach().double()
+    if mean is None or mean_sq is None:
+        return v.clone(), v * v
+    rate = 1.0 / count if count <= slaw_warmup_steps(beta) else 1.0 - beta
+    return mean + rate * (v - mean), mean_sq + rate * (v * v - mean_sq)
+
+
+def cap_weights(weights: Tensor, max_weight: float) -> Tensor:
+    """Weights ``w ≥ 0`` summing to ``S`` with every entry capped at ``max_weight`` and the excess handed to
+    the uncapped entries in proportion to their weights (water-filling), so the sum stays ``S`` and the
+    order of the weights is kept. Needs ``max_weight·T ≥ S``."""
+    total = float(weights.sum())
+    if max_weight * weights.numel() < total * (1 - 1e-12):
+        raise ValueError(
+            f"max_weight={max_weight} cannot bound {weights.numel()} weights summing to {total:g}: "
+            f"it must be >= {total / weights.numel():g}."
+        )
+    w = weights.clone()
+    capped = torch.zeros_like(w, dtype=torch.bool)
+    for _ in range(w.numel()):
+        over = (w > max_weight) & ~capped
+        if not bool(over.any()):
+            break
+        capped |= over
+        free = total - max_weight * int(capped.sum())
+        rest = weights.masked_fill(capped, 0.0)
+        rest_sum = float(rest.sum())
+        w = torch.where(
+            capped, torch.full_like(w, max_weight), rest * (free / rest_sum if rest_sum > 0 else 0.0)
+        )
+    return w
+
+
+def slaw_weights(
+    mean: Tensor, mean_sq: Tensor, eps: float = 1e-5, max_weight: float | None = None
+) -> Tensor | None:
+    """SLAW's weights from the running moments: ``sᵢ = √(bᵢ − aᵢ²)`` (the standard deviation of task i's
+    loss, SLAW's estimate of its gradient norm), ``wᵢ ∝ 1/max(sᵢ, ε)`` normalised to ``Σ wᵢ = T``, then
+    each capped at ``max_weight`` (:func:`cap_weights`; ``None``: no cap). Returns ``None`` (keep the
+    previous weights) when a variance ``bᵢ − aᵢ²`` is negative (floating-point rounding), as the authors'
+    code does for a NaN standard deviation."""
+    _check_losses(mean)
+    if not eps > 0:
+        raise ValueError(f"SLAW eps must be > 0, got {eps}.")
+    var = mean_sq - mean * mean
+    if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
+        return None
+    inv = 1.0 / var.sqrt().clamp_min(eps)
+    w = inv * (mean.numel() / inv.sum())
+    if max_weight is not None:
+        w = cap_weights(w, max_weight)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------- STCH
+def _stch_terms(losses: Tensor, nadir: Tensor, preference: Tensor | None) -> Tensor:
+    _check_losses(losses)
+    if nadir.shape != losses.shape:
+        raise ValueError(
+            f"nadir must have the losses' shape {tuple(losses.shape)}, got {tuple(nadir.shape)}."
+        )
+    terms = torch.log(losses / nadir)
+    return terms if preference is None else preference.to(terms) * terms
+
+
+def stch_loss(losses: Tensor, nadir: Tensor, mu: float = 1.0, preference: Tensor | None = None) -> Tensor:
+    """Smooth Tchebycheff scalarisation on normalised log-losses (Lin et al., ICML 2024, as in the official
+    STCH_MTL code): ``T·μ·log Σᵢ exp(pᵢ·ℓᵢ/μ)`` with ``ℓᵢ = log(Lᵢ/nᵢ)``, ``n`` the nadir estimate and
+    ``p`` the preference (``None``: ``pᵢ = 1``). Differentiable in ``losses``; → ``T·maxᵢ pᵢℓᵢ`` as μ → 0.
+    Losses and nadir must be > 0."""
+    if not mu > 0:
+        raise ValueError(f"STCH mu must be > 0, got {mu}.")
+    terms = _stch_terms(losses, nadir, preference)
+    return losses.numel() * mu * torch.logsumexp(terms / mu, dim=0)
+
+
+def stch_weights(losses: Tensor, nadir: Tensor, mu: float = 1.0, preference: Tensor | None = None) -> Tensor:
+    """Effective weights of :func:`stch_loss`: ``∂/∂Lᵢ = T·pᵢ·softmax(p·ℓ/μ)ᵢ / Lᵢ`` (so ``Σ wᵢLᵢ = T`` for
+    ``p = 1``)."""
+    if not mu > 0:
+        raise ValueError(f"STCH mu must be > 0, got {mu}.")
+    terms = _stch_terms(losses, nadir, preference)
+    soft = torch.softmax(terms / mu, dim=0)
+    if preference is not None:
+        soft = soft * preference.to(soft)
+    return losses.numel() * soft / losses
+
+
+def log_loss(losses: Tensor) -> Tensor:
+    """``Σ log Lᵢ`` (STCH's warm-up objective; scale-invariant per task). Losses must be > 0."""
+    _check_losses(losses)
+    return torch.log(losses).sum()
+
+
+def log_loss_weights(losses: Tensor) -> Tensor:
+    """Effective weights of :func:`log_loss`: ``1/Lᵢ``."""
+    _check_losses(losses)
+    return 1.0 / losses
+
+
+__all__ = [
+    "cap_weights",
+    "log_loss",
+    "log_loss_weights",
+    "slaw_update",
+    "slaw_warmup_steps",
+    "slaw_weights",
+    "stch_loss",
+    "stch_weights",
+]

@@ -13,6 +13,7 @@ from lightning_mtl.strategies.gls import GLS
 from lightning_mtl.strategies.graddrop import GradDrop
 from lightning_mtl.strategies.gradnorm import GradNorm
 from lightning_mtl.strategies.gradvac import GradVac
+from lightning_mtl.strategies.imtl import IMTL, IMTLL
 from lightning_mtl.strategies.imtl_g import IMTLG
 from lightning_mtl.strategies.mgda import MGDA
 from lightning_mtl.strategies.nash_mtl import NashMTL
@@ -27,7 +28,9 @@ from lightning_mtl.strategies.upgrad import DualProj, UPGrad
 __all__ = [
     "DWA",
     "GLS",
+    "IMTL",
     "IMTLG",
+    "IMTLL",
     "MGDA",
     "RLW",
     "SLAW",

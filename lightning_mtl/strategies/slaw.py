@@ -29,7 +29,8 @@ def _positive_float(name: str, value: Any, *, upper: float | None = None, allow_
 
 class SLAW(LossWeighting):
     """Scaled Loss Approximate Weighting: Crawshaw & Košecká, "SLAW: Scaled Loss Approximate Weighting for
-    Efficient Multi-Task Learning", arXiv:2109.08218 (2021).
+    Efficient Multi-Task Learning", arXiv:2109.08218 (2021); the rule as in the authors' code (equation numbers
+    of the paper not checked here).
 
     SLAW approximates GradNorm-style balancing without per-task gradients: the norm of task i's gradient is
     estimated by the standard deviation of its loss, ``sᵢ = √(bᵢ − aᵢ²)``, where ``aᵢ`` and ``bᵢ`` are

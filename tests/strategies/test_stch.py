@@ -277,3 +277,15 @@ def test_non_positive_loss_names_the_task_and_value():
 def test_cli_registry_knows_stch():
     assert resolve_strategy("stch") is STCH
     assert isinstance(make_strategy("STCH"), STCH)
+
+
+def test_compare_runs_slaw_and_stch_by_name(tmp_path):
+    from lightning_mtl.cli import main
+
+    out = tmp_path / "out"
+    main(
+        ["compare", "--strategies", "slaw,stch", "--dataset", "synthetic", "--epochs", "1"]
+        + ["--baselines", "none", "--out", str(out), "--quiet"]
+    )
+    rows = (out / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["SLAW", "STCH"]

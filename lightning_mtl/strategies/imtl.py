@@ -18,10 +18,6 @@ from lightning_mtl.strategies.base import StepContext
 from lightning_mtl.task_state import take_tasks
 
 _GRADIENT_EPS = torch.finfo(torch.float32).eps
-_PAPER = (
-    'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning", ICLR 2021 '
-    "(https://openreview.net/forum?id=IMPnRXEWpvr)"
-)
 
 
 def imtl_l_objective(losses: Tensor, s: Tensor) -> Tensor:
@@ -82,7 +78,7 @@ class _LogScales:
 
 class IMTLL(LossWeighting):
     """IMTL-L, the loss balance of IMTL alone: Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards
-    Impartial Multi-task Learning", ICLR 2021 (https://openreview.net/forum?id=IMPnRXEWpvr), section 3.2.
+    Impartial Multi-task Learning", ICLR 2021 (https://openreview.net/forum?id=IMPnRXEWpvr), the loss balance.
 
     Learns one log-scale ``sᵢ`` per task (init 0: the plain sum at the start) and minimises the scaled losses
     ``Σᵢ e^{sᵢ}Lᵢ − sᵢ`` (eq. 6 with base ``e``, as the authors, LibMTL and TorchJD's ``IMTLL``). The task
@@ -183,11 +179,11 @@ class IMTLL(LossWeighting):
 
 class IMTL(GradientWeighting):
     """IMTL, the hybrid of loss and gradient balance: Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang,
-    "Towards Impartial Multi-task Learning", ICLR 2021 (https://openreview.net/forum?id=IMPnRXEWpvr),
-    section 3.3 and Algorithm 1.
+    "Towards Impartial Multi-task Learning", ICLR 2021 (https://openreview.net/forum?id=IMPnRXEWpvr), the
+    hybrid balance.
 
     The losses are scaled as in IMTL-L (:class:`IMTLL`, eq. 6): ``e^{sᵢ}Lᵢ − sᵢ`` with learned ``sᵢ`` (init 0).
-    On the shared part, IMTL-G (:class:`IMTLG`, section 3.1) combines the gradients ``gᵢ' = e^{sᵢ}gᵢ`` of the
+    On the shared part, IMTL-G (:class:`IMTLG`; the paper's closed form ``α₂:T = g₁Uᵀ(DUᵀ)⁻¹``) combines the gradients ``gᵢ' = e^{sᵢ}gᵢ`` of the
     *scaled* losses: ``α = imtl_g_weights(G')`` on their Gramian ``G' = D G D``, ``D = diag(e^{s})`` (no second
     Jacobian), so that the update ``Σ αᵢgᵢ'`` has equal projections on every unit gradient ``uᵢ = gᵢ'/‖gᵢ'‖``
     (``Σ αᵢ = 1``; ``α`` may be negative; pseudo-inverse for collinear gradients). Since ``uᵢ`` does not

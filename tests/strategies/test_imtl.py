@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from helpers import RepTinyNet, ScalarNet, TinyNet, dummy_loader, flat_params, loader, make_data, trainer
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_mtl.cli.registry import make_strategy
@@ -220,6 +221,43 @@ def test_imtl_update_every_reuses_w_and_gives_the_heads_the_current_scales():
     torch.testing.assert_close(strategy.weights_tensor(), w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(strategy.log_scales, s, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(flat_params(model), flat_params(expected), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ mixed precision
+def _fp16(init_scale: float = 2.0**10) -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def _fit_amp(cls, **kwargs):
+    model, strategy = ConflictNet(), cls()
+    trainer(max_epochs=2, callbacks=[strategy], **kwargs).fit(model, loader(make_data(n=64), batch_size=16))
+    return flat_params(model), strategy.log_scales, strategy.weights_tensor()
+
+
+@pytest.mark.parametrize("cls", [IMTLL, IMTL])
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_matches_fp32(cls, precision):
+    """s's gradient comes from the rank-averaged (unscaled) losses: the GradScaler's scale never reaches it."""
+    reference = _fit_amp(cls)
+    kwargs = {"plugins": [_fp16()]} if precision == "16-mixed" else {"precision": "bf16-mixed"}
+    result = _fit_amp(cls, **kwargs)
+    tol = 2e-3 if precision == "16-mixed" else 3e-2
+    for got, expected in zip(result, reference):
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    assert reference[1].abs().min() > 1e-2
+
+
+@pytest.mark.parametrize("cls", [IMTLL, IMTL])
+def test_fp16_overflow_skips_the_step_and_leaves_s_unchanged(cls):
+    plugin = _fp16(init_scale=2.0**30)  # the fp16 gradients overflow: the scaler skips the step
+    model, strategy = ConflictNet(), cls()
+    before = flat_params(model)
+    trainer(max_steps=1, plugins=[plugin], callbacks=[strategy]).fit(
+        model, loader(make_data(n=16), batch_size=16)
+    )
+    assert plugin.scaler.get_scale() < 2.0**30
+    assert torch.equal(flat_params(model), before)
+    assert torch.equal(strategy.log_scales, torch.zeros(3))
 
 
 # ------------------------------------------------------------------------------------------ state

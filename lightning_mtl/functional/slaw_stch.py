@@ -46,48 +46,47 @@ def slaw_update(
 def cap_weights(weights: Tensor, max_weight: float) -> Tensor:
     """Weights ``w ≥ 0`` summing to ``S`` with every entry capped at ``max_weight`` and the excess handed to
     the uncapped entries in proportion to their weights (water-filling), so the sum stays ``S`` and the
-    order of the weights is kept. Needs ``max_weight·T ≥ S``."""
-    total = float(weights.sum())
-    if max_weight * weights.numel() < total * (1 - 1e-12):
-        raise ValueError(
-            f"max_weight={max_weight} cannot bound {weights.numel()} weights summing to {total:g}: "
-            f"it must be >= {total / weights.numel():g}."
-        )
-    w = weights.clone()
-    capped = torch.zeros_like(w, dtype=torch.bool)
-    for _ in range(w.numel()):
-        over = (w > max_weight) & ~capped
-        if not bool(over.any()):
-            break
-        capped |= over
-        free = total - max_weight * int(capped.sum())
+    order of the weights is kept. Needs ``max_weight ≥ 1`` for weights that sum to ``T`` (in general
+    ``max_weight·T ≥ S``; not checked here, to stay free of host synchronisation). Tensor operations only:
+    ``T`` rounds of capping, no data-dependent branch."""
+    if not max_weight > 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}.")
+    total = weights.sum()
+    w = weights
+    capped = torch.zeros_like(weights, dtype=torch.bool)
+    for _ in range(weights.numel()):  # each round caps at least one more entry, or changes nothing
+        capped = capped | (w > max_weight)
         rest = weights.masked_fill(capped, 0.0)
-        rest_sum = float(rest.sum())
-        w = torch.where(
-            capped, torch.full_like(w, max_weight), rest * (free / rest_sum if rest_sum > 0 else 0.0)
-        )
+        free = total - max_weight * capped.sum()
+        w = torch.where(capped, torch.full_like(w, max_weight), rest * (free / rest.sum().clamp_min(1e-300)))
     return w
 
 
 def slaw_weights(
-    mean: Tensor, mean_sq: Tensor, eps: float = 1e-5, max_weight: float | None = None
-) -> Tensor | None:
+    mean: Tensor,
+    mean_sq: Tensor,
+    eps: float = 1e-5,
+    max_weight: float | None = None,
+    previous: Tensor | None = None,
+) -> Tensor:
     """SLAW's weights from the running moments: ``sᵢ = √(bᵢ − aᵢ²)`` (the standard deviation of task i's
     loss, SLAW's estimate of its gradient norm), ``wᵢ ∝ 1/max(sᵢ, ε)`` normalised to ``Σ wᵢ = T``, then
-    each capped at ``max_weight`` (:func:`cap_weights`; ``None``: no cap). Returns ``None`` (keep the
-    previous weights) when a variance ``bᵢ − aᵢ²`` is negative (floating-point rounding), as the authors'
-    code does for a NaN standard deviation."""
+    each capped at ``max_weight`` (:func:`cap_weights`; ``None``: no cap). When a variance ``bᵢ − aᵢ²`` is
+    negative (floating-point rounding) the authors' code keeps the previous weights: ``previous`` is
+    returned then (``None``: all ones). No host synchronisation."""
     _check_losses(mean)
     if not eps > 0:
         raise ValueError(f"SLAW eps must be > 0, got {eps}.")
     var = mean_sq - mean * mean
-    if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
-        return None
-    inv = 1.0 / var.sqrt().clamp_min(eps)
+    inv = 1.0 / var.clamp_min(0).sqrt().clamp_min(eps)
     w = inv * (mean.numel() / inv.sum())
     if max_weight is not None:
+        if max_weight * mean.numel() < mean.numel():
+            raise ValueError(f"SLAW max_weight must be >= 1 (the weights sum to T), got {max_weight}.")
         w = cap_weights(w, max_weight)
-    return w
+    keep = torch.ones_like(w) if previous is None else previous.to(w)
+    valid = ((var >= 0) & torch.isfinite(var)).all()
+    return torch.where(valid, w, keep)
 
 
 # ---------------------------------------------------------------------------------------------------- STCH

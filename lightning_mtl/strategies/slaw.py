@@ -77,19 +77,19 @@ class SLAW(LossWeighting):
         self._slaw_weights: Tensor | None = None
 
     def compute_weights(self, losses: Tensor) -> Tensor:
-        detached = losses.detach().double().cpu()
-        if not bool(torch.isfinite(detached).all()):
-            bad = {n: float(v) for n, v in zip(self.task_names, detached.tolist()) if not math.isfinite(v)}
-            raise ValueError(f"SLAW needs finite losses, got {bad}.")
+        # Tensor operations only, on the losses' device: no host synchronisation per step. (The module never
+        # hands a strategy non-finite losses: its nonfinite policy runs first.)
+        detached = losses.detach().double()
+        mean = None if self._mean is None else self._mean.to(detached.device)
+        mean_sq = None if self._mean_sq is None else self._mean_sq.to(detached.device)
         self._count += 1
-        self._mean, self._mean_sq = slaw_update(self._mean, self._mean_sq, detached, self._count, self.beta)
+        self._mean, self._mean_sq = slaw_update(mean, mean_sq, detached, self._count, self.beta)
+        previous = None if self._slaw_weights is None else self._slaw_weights.to(detached.device)
         if self._count > 1:  # the authors skip the first step: one loss has no spread
-            w = slaw_weights(self._mean, self._mean_sq, self.eps, self.max_weight)
-            if w is not None:
-                self._slaw_weights = w
-        if self._slaw_weights is None:
-            self._slaw_weights = torch.ones(self.num_tasks, dtype=torch.float64)
-        return self._slaw_weights.float().to(losses.device)
+            self._slaw_weights = slaw_weights(self._mean, self._mean_sq, self.eps, self.max_weight, previous)
+        elif previous is None:
+            self._slaw_weights = torch.ones_like(detached)
+        return self._slaw_weights.to(losses.dtype)
 
     def reset_state(self) -> None:
         super().reset_state()
@@ -106,10 +106,10 @@ class SLAW(LossWeighting):
     # post-processes the weights, so none is in the configuration: a resumed run may change them.
     def task_state(self) -> dict[str, Any]:
         return {
-            "mean": None if self._mean is None else self._mean.clone(),
-            "mean_sq": None if self._mean_sq is None else self._mean_sq.clone(),
+            "mean": None if self._mean is None else self._mean.cpu(),
+            "mean_sq": None if self._mean_sq is None else self._mean_sq.cpu(),
             "count": self._count,
-            "weights": None if self._slaw_weights is None else self._slaw_weights.clone(),
+            "weights": None if self._slaw_weights is None else self._slaw_weights.cpu(),
         }
 
     def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:

@@ -136,11 +136,13 @@ class STCH(LossWeighting):
             )
 
     def compute_weights(self, losses: Tensor) -> Tensor:
-        detached = losses.detach().double().cpu()
-        self._check_positive(detached)
+        detached = losses.detach().double()
+        self._check_positive(detached)  # one host synchronisation, as GLS
         if self.in_warmup:
             if self._epoch == self.warmup_epochs - 1:  # the last warm-up epoch accumulates the nadir
-                self._sum = detached.clone() if self._sum is None else self._sum + detached
+                self._sum = (
+                    detached.clone() if self._sum is None else self._sum.to(detached.device) + detached
+                )
                 self._count += 1
             w = log_loss_weights(detached)
         else:
@@ -150,17 +152,18 @@ class STCH(LossWeighting):
                         "STCH has no loss of the last warm-up epoch to estimate the nadir from."
                     )
                 self._nadir = self._sum / self._count
-            w = stch_weights(detached, self._nadir, self.mu, self._pref)
-        return w.float().to(losses.device)
+            self._nadir = self._nadir.to(detached.device)
+            pref = None if self._pref is None else self._pref.to(detached.device)
+            w = stch_weights(detached, self._nadir, self.mu, pref)
+        return w.to(losses.dtype)
 
     def objective(self, losses: Tensor) -> Tensor:
         x = losses.double().clamp_min(1e-300)
         if self._nadir is None or self.in_warmup:
             value = log_loss(x)
         else:
-            value = stch_loss(
-                x, self._nadir.to(x.device), self.mu, None if self._pref is None else self._pref
-            )
+            pref = None if self._pref is None else self._pref.to(x.device)
+            value = stch_loss(x, self._nadir.to(x.device), self.mu, pref)
         return value.to(losses.dtype)
 
     def extra_metrics(self) -> dict[str, Tensor]:
@@ -180,9 +183,9 @@ class STCH(LossWeighting):
     def task_state(self) -> dict[str, Any]:
         return {
             "epoch": self._epoch,
-            "sum": None if self._sum is None else self._sum.clone(),
+            "sum": None if self._sum is None else self._sum.cpu(),
             "count": self._count,
-            "nadir": None if self._nadir is None else self._nadir.clone(),
+            "nadir": None if self._nadir is None else self._nadir.cpu(),
         }
 
     def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:

@@ -154,3 +154,13 @@ def static_weights(weights: Sequence[float]) -> Tensor:
     if w.ndim != 1 or not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
         raise ValueError(f"static weights must be finite, >= 0 and not all zero, got {list(weights)}.")
     return w
+
+
+def imtl_l_objective(losses: Tensor, s: Tensor) -> Tensor:
+    """The IMTL-L loss ``Σᵢ e^{sᵢ}Lᵢ − sᵢ`` (the paper's eq. 6 with base ``e``)."""
+    return (s.exp() * losses - s).sum()
+
+
+def imtl_l_grad(losses: Tensor, s: Tensor) -> Tensor:
+    """``∂/∂sᵢ (e^{sᵢ}Lᵢ − sᵢ) = e^{sᵢ}Lᵢ − 1``: zero at ``e^{sᵢ} = 1/Lᵢ`` (every scaled loss equals 1)."""
+    return s.exp() * losses - 1

@@ -11,23 +11,14 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.functional.gradient_methods import imtl_g_weights
+from lightning_mtl.functional.loss_weighting import imtl_l_objective
+from lightning_mtl.step import StepContext
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
 from lightning_mtl.strategies._loss_based import LossWeighting
-from lightning_mtl.strategies.base import StepContext
 from lightning_mtl.task_state import take_tasks
 
 _GRADIENT_EPS = torch.finfo(torch.float32).eps
-
-
-def imtl_l_objective(losses: Tensor, s: Tensor) -> Tensor:
-    """The IMTL-L loss ``Σᵢ e^{sᵢ}Lᵢ − sᵢ`` (the paper's eq. 6 with base ``e``)."""
-    return (s.exp() * losses - s).sum()
-
-
-def imtl_l_grad(losses: Tensor, s: Tensor) -> Tensor:
-    """``∂/∂sᵢ (e^{sᵢ}Lᵢ − sᵢ) = e^{sᵢ}Lᵢ − 1``: zero at ``e^{sᵢ} = 1/Lᵢ`` (every scaled loss equals 1)."""
-    return s.exp() * losses - 1
 
 
 def _check_hyper_parameters(owner: str, init: float, bounds: tuple[float, float] | None) -> None:

@@ -351,3 +351,12 @@ def test_compare_registry_names():
     assert type(make_strategy("imtl")) is IMTL
     assert type(make_strategy("imtll")) is IMTLL
     assert type(make_strategy("imtl-g")) is IMTLG
+
+
+def test_imtl_l_pure_functions_by_hand():
+    from lightning_mtl.functional import imtl_l_grad, imtl_l_objective
+
+    losses, s = torch.tensor([2.0, 0.5]), torch.tensor([0.0, math.log(2.0)])
+    # e^0·2 − 0 + e^{log 2}·0.5 − log 2 = 3 − log 2; gradient e^{s}L − 1 = (1, 0): task 2 is at its optimum
+    assert imtl_l_objective(losses, s).item() == pytest.approx(3.0 - math.log(2.0))
+    assert imtl_l_grad(losses, s).tolist() == pytest.approx([1.0, 0.0])

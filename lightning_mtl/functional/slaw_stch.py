@@ -40,26 +40,28 @@ def slaw_update(
     if mean is None or mean_sq is None:
         return v.clone(), v * v
     rate = 1.0 / count if count <= slaw_warmup_steps(beta) else 1.0 - beta
-    return mean + rate * (v - mean), mean_sq + rate * (v * v - mean_sq)
+    return mean.lerp(v, rate), mean_sq.lerp(v * v, rate)
 
 
 def cap_weights(weights: Tensor, max_weight: float) -> Tensor:
     """Weights ``w ≥ 0`` summing to ``S`` with every entry capped at ``max_weight`` and the excess handed to
     the uncapped entries in proportion to their weights (water-filling), so the sum stays ``S`` and the
-    order of the weights is kept. Needs ``max_weight ≥ 1`` for weights that sum to ``T`` (in general
-    ``max_weight·T ≥ S``; not checked here, to stay free of host synchronisation). Tensor operations only:
-    ``T`` rounds of capping, no data-dependent branch."""
+    order of the weights is kept. Needs ``max_weight·T ≥ S`` (``max_weight ≥ 1`` for weights summing to
+    ``T``; not checked here, to stay free of host synchronisation).
+
+    Closed form: with ``r`` sorted in decreasing order and the ``k`` largest capped, the others are scaled
+    by ``cₖ = (S − k·M)/Σ_{j≥k} rⱼ``; the solution is ``min(M, c·r)`` for the smallest ``k`` with
+    ``r_k·cₖ ≤ M``. A fixed number of tensor operations, whatever ``T``.
+    """
     if not max_weight > 0:
         raise ValueError(f"max_weight must be > 0, got {max_weight}.")
-    total = weights.sum()
-    w = weights
-    capped = torch.zeros_like(weights, dtype=torch.bool)
-    for _ in range(weights.numel()):  # each round caps at least one more entry, or changes nothing
-        capped = capped | (w > max_weight)
-        rest = weights.masked_fill(capped, 0.0)
-        free = total - max_weight * capped.sum()
-        w = torch.where(capped, torch.full_like(w, max_weight), rest * (free / rest.sum().clamp_min(1e-300)))
-    return w
+    r = weights.sort(descending=True).values
+    tails = r.flip(0).cumsum(0).flip(0)  # Σ_{j≥k} r_j
+    k = torch.arange(r.numel(), device=r.device, dtype=r.dtype)
+    scale = (weights.sum() - k * max_weight) / tails.clamp_min(torch.finfo(r.dtype).tiny)
+    fits = r * scale <= max_weight * (1 + 1e-12)
+    first = torch.argmax(fits.to(torch.int8))  # the smallest k that fits (0 when nothing fits: all capped)
+    return (weights * scale[first]).clamp_max(max_weight)
 
 
 def slaw_weights(
@@ -77,15 +79,15 @@ def slaw_weights(
     _check_losses(mean)
     if not eps > 0:
         raise ValueError(f"SLAW eps must be > 0, got {eps}.")
-    var = mean_sq - mean * mean
-    inv = 1.0 / var.clamp_min(0).sqrt().clamp_min(eps)
-    w = inv * (mean.numel() / inv.sum())
+    var = torch.addcmul(mean_sq, mean, mean, value=-1.0)
+    inv = var.clamp_min(eps * eps).rsqrt()  # 1/max(√var, ε) for var ≥ 0 (a negative var is discarded below)
+    w = inv.div(inv.sum()).mul_(mean.numel())
     if max_weight is not None:
-        if max_weight * mean.numel() < mean.numel():
+        if max_weight < 1:
             raise ValueError(f"SLAW max_weight must be >= 1 (the weights sum to T), got {max_weight}.")
         w = cap_weights(w, max_weight)
     keep = torch.ones_like(w) if previous is None else previous.to(w)
-    valid = ((var >= 0) & torch.isfinite(var)).all()
+    valid = var.ge(0).all()  # False for a negative or NaN variance
     return torch.where(valid, w, keep)
 
 

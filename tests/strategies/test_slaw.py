@@ -251,3 +251,20 @@ def test_non_finite_loss_is_stopped_by_the_module_before_slaw():
 def test_cli_registry_knows_slaw():
     assert resolve_strategy("slaw") is SLAW
     assert isinstance(make_strategy("SLAW"), SLAW)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cap_weights_equals_iterative_water_filling(seed):
+    g = torch.Generator().manual_seed(seed)
+    t = int(torch.randint(2, 8, (1,), generator=g))
+    raw = torch.rand(t, generator=g, dtype=torch.float64) ** 4 + 1e-3
+    raw = raw * (t / raw.sum())
+    cap = 1.0 + float(torch.rand(1, generator=g)) * (t - 1) / 2
+    # reference: cap what exceeds, spread the rest over the others in proportion, repeat until stable
+    w, capped = raw.clone(), torch.zeros(t, dtype=torch.bool)
+    while bool((w > cap + 1e-12).any()):
+        capped |= w > cap + 1e-12
+        rest = raw.masked_fill(capped, 0.0)
+        w = torch.where(capped, torch.full_like(w, cap), rest * ((t - cap * int(capped.sum())) / rest.sum()))
+    torch.testing.assert_close(cap_weights(raw, cap), w)
+    assert float(cap_weights(raw, cap).sum()) == pytest.approx(t)

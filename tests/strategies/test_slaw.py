@@ -200,7 +200,7 @@ def _fit(tmp_path, devices: int):
     ds = make_data(n=64)
     out = tmp_path / f"slaw-{devices}"
     out.mkdir()
-    kwargs = dict(max_epochs=2, callbacks=[SLAW(beta=0.5), RecordState(str(out))])
+    kwargs = dict(max_epochs=3, callbacks=[SLAW(beta=0.5), RecordState(str(out))])
     if devices == 1:
         sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
         trainer(**kwargs).fit(TinyNet(), DataLoader(ds, batch_size=16, sampler=sampler))

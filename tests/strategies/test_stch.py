@@ -289,3 +289,10 @@ def test_compare_runs_slaw_and_stch_by_name(tmp_path):
     )
     rows = (out / "results.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["SLAW", "STCH"]
+
+
+def test_accumulation_averages_every_micro_batch_into_the_nadir():
+    net, strategy = ScalarNet(lr=0.01, accumulate_grad_batches=2), STCH(warmup_epochs=1)
+    trainer(max_epochs=2, callbacks=[strategy]).fit(net, dummy_loader(4))
+    assert strategy._count == 4 and strategy._epoch == 1 and strategy._nadir is not None
+    assert net.trainer.global_step == 4

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 class STCH(LossWeighting):
     """Smooth Tchebycheff scalarisation: Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff
-    Scalarization for Multi-Objective Optimization", ICML 2024 (https://arxiv.org/abs/2402.19078), Section 3
-    (equation numbers not checked here) and the authors' code https://github.com/Xi-L/STCH (STCH_MTL).
+    Scalarization for Multi-Objective Optimization", ICML 2024 (https://arxiv.org/abs/2402.19078;
+    its equation numbers were not checked here), and the authors' code https://github.com/Xi-L/STCH (STCH_MTL).
 
     The paper's smooth Tchebycheff scalarisation ``g_μ(θ|p) = μ·log Σᵢ exp(pᵢ(Lᵢ − zᵢ*)/μ)`` (smooth
     approximation of the Tchebycheff ``maxᵢ pᵢ(Lᵢ − zᵢ*)``, reached as μ → 0), in the form of the authors'
@@ -37,9 +37,9 @@ class STCH(LossWeighting):
 
     ``preference`` ``p`` (default uniform, ``pᵢ = 1`` as in the authors' code) is given per task and
     normalised to **sum T** (mean 1): the paper's simplex preference ``λ = p/T``; the objective equals
-    ``T²·μ'·log Σ exp(λᵢℓᵢ/μ')`` with the paper's ``μ' = μ/T`` (checked against TorchJD's ``STCH``). ``warmup_epochs=5`` is the
-    official code's ``STCH_warmup_epoch=4`` (epochs 0–3 log-loss, epoch 4 log-loss while accumulating the
-    nadir). The value minimised, :meth:`objective`, is the scalarisation itself (the code subtracts the
+    ``T²·μ'·log Σ exp(λᵢℓᵢ/μ')`` with the paper's ``μ' = μ/T`` (checked against TorchJD's ``STCH``).
+    ``warmup_epochs=5`` is the official code's ``STCH_warmup_epoch=4`` (epochs 0–3 log-loss, epoch 4
+    log-loss while accumulating the nadir). The value minimised, :meth:`objective`, is the scalarisation itself (the code subtracts the
     detached max before the log-sum-exp, which changes the value but not the gradient; here it is kept).
 
     The objective is non-linear in the losses: the update is its gradient, ``Σ wᵢ∇Lᵢ`` with the effective

@@ -39,8 +39,9 @@ class STCH(LossWeighting):
     normalised to **sum T** (mean 1): the paper's simplex preference ``λ = p/T``; the objective equals
     ``T²·μ'·log Σ exp(λᵢℓᵢ/μ')`` with the paper's ``μ' = μ/T`` (checked against TorchJD's ``STCH``).
     ``warmup_epochs=5`` is the official code's ``STCH_warmup_epoch=4`` (epochs 0–3 log-loss, epoch 4
-    log-loss while accumulating the nadir). The value minimised, :meth:`objective`, is the scalarisation itself (the code subtracts the
-    detached max before the log-sum-exp, which changes the value but not the gradient; here it is kept).
+    log-loss while accumulating the nadir). The value minimised, :meth:`objective`, is the scalarisation
+    itself (the code subtracts the detached max before the log-sum-exp, which changes the value but not the
+    gradient; here it is kept).
 
     The objective is non-linear in the losses: the update is its gradient, ``Σ wᵢ∇Lᵢ`` with the effective
     weights ``wᵢ = ∂objective/∂Lᵢ = T·pᵢ·softmax(p·ℓ/μ)ᵢ/Lᵢ`` (``1/Lᵢ`` in the warm-up), which is what

@@ -40,9 +40,6 @@ class MTLStrategy(Callback):
     Strategy state must be identical on every rank (Lightning saves callback state from rank 0 only).
     """
 
-    #: whether :meth:`backward` reads :attr:`StepContext.global_losses` (rank-averaged losses)
-    needs_global_losses: bool = False
-
     def __init__(self) -> None:
         self._task_names: tuple[str, ...] | None = None
         self._tasks: tuple[Task, ...] | None = None

@@ -29,8 +29,6 @@ class DWA(LossWeighting):
         temperature: τ, the softmax temperature (paper: 2). Larger τ gives more uniform weights.
     """
 
-    needs_global_losses = True
-
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
         if (

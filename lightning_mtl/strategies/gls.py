@@ -20,8 +20,6 @@ class GLS(LossWeighting):
     strictly positive (a zero or negative loss raises an error naming the task). No hyper-parameters.
     """
 
-    needs_global_losses = True
-
     def compute_weights(self, losses: Tensor) -> Tensor:
         if not bool((losses > 0).all()):
             bad = {n: float(v) for n, v in zip(self.task_names, losses.tolist()) if not v > 0}

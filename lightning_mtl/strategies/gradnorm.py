@@ -69,8 +69,6 @@ class GradNorm(MTLStrategy):
             falling back to a loop of ``T`` passes where ``vmap`` fails), ``"batched"`` or ``"loop"``.
     """
 
-    needs_global_losses = True
-
     def __init__(
         self,
         alpha: float = 1.5,

@@ -92,8 +92,6 @@ class IMTLL(LossWeighting):
         lr: learning rate of ``s``; ``None`` (default) follows the model's learning rate.
     """
 
-    needs_global_losses = True
-
     def __init__(
         self,
         init: float = 0.0,

@@ -57,8 +57,6 @@ class SLAW(LossWeighting):
         max_weight: upper bound on each weight (``>= 1``), or ``None`` for the authors' unbounded rule.
     """
 
-    needs_global_losses = True
-
     def __init__(self, beta: float = 0.99, eps: float = 1e-5, max_weight: float | None = None) -> None:
         super().__init__()
         self.beta = _positive_float("beta", beta, upper=1.0, allow_zero=True)

@@ -58,8 +58,6 @@ class STCH(LossWeighting):
         preference: ``{task: p}`` with ``p > 0`` for every task, normalised to sum T; ``None``: uniform.
     """
 
-    needs_global_losses = True
-
     def __init__(
         self, mu: float = 1.0, warmup_epochs: int = 5, preference: Mapping[str, float] | None = None
     ) -> None:

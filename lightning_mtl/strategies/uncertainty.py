@@ -55,8 +55,6 @@ class UncertaintyWeighting(LossWeighting):
         lr: learning rate of the learnable parameters; ``None`` follows the model's learning rate.
     """
 
-    needs_global_losses = True
-
     def __init__(
         self,
         regularizer: Literal["log", "positive"] = "log",

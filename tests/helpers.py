@@ -152,3 +152,9 @@ class RepTinyNet(TinyNet):
             t: nn.functional.mse_loss(self.heads[t](z).squeeze(1), y[:, i])
             for i, t in enumerate(self.task_names)
         }
+
+
+def bound(strategy: Any, names: Sequence[str] = ("a", "b")) -> Any:
+    """``strategy`` attached to tasks ``names`` (what ``setup`` does), for tests that call it directly."""
+    strategy.bind([Task(n) for n in names])
+    return strategy

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import TinyNet, loader, make_data, trainer
+from helpers import bound as attach
 from torch import nn
 
-from lightning_mtl import Task
 from lightning_mtl.callbacks import GradientConflictMonitor, TaskAffinity
 from lightning_mtl.strategies import (
     DWA,
@@ -39,8 +39,7 @@ class NamedNet(TinyNet):
 
 
 def bound(strategy, names=ABC):
-    strategy.bind([Task(n) for n in names])
-    return strategy
+    return attach(strategy, names)
 
 
 # ------------------------------------------------------------------------------------------ task_state.py

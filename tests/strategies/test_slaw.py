@@ -11,6 +11,7 @@ from helpers import (
     RecordState,
     ScalarNet,
     TinyNet,
+    bound,
     dummy_loader,
     flat_params,
     load_record,
@@ -21,15 +22,9 @@ from helpers import (
 )
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_mtl import Task
 from lightning_mtl.cli.registry import make_strategy, resolve_strategy
 from lightning_mtl.functional import cap_weights, slaw_update, slaw_weights
 from lightning_mtl.strategies import SLAW
-
-
-def bound(strategy, names=("a", "b")):
-    strategy.bind([Task(n) for n in names])
-    return strategy
 
 
 # ------------------------------------------------------------------------------------------ hand-computed

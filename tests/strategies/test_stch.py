@@ -11,6 +11,7 @@ from helpers import (
     RecordState,
     ScalarNet,
     TinyNet,
+    bound,
     dummy_loader,
     flat_params,
     load_record,
@@ -21,15 +22,9 @@ from helpers import (
 )
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_mtl import Task
 from lightning_mtl.cli.registry import make_strategy, resolve_strategy
 from lightning_mtl.functional import log_loss, log_loss_weights, stch_loss, stch_weights
 from lightning_mtl.strategies import STCH
-
-
-def bound(strategy, names=("a", "b")):
-    strategy.bind([Task(n) for n in names])
-    return strategy
 
 
 def _losses(theta: float) -> np.ndarray:  # ScalarNet: L = (θ², 2(θ-3)²)

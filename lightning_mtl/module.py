@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -95,6 +96,8 @@ class MultiTaskModule(pl.LightningModule):
             TaskMetrics(self.tasks) if any(t.metrics is not None for t in self.tasks) else None
         )
         self._shared_representation: Tensor | None = None  # set by shared_representation() in training
+        # (batch, batch_idx, rank-averaged losses) of a window's last micro-batch, for on_post_step_losses
+        self._post_step_input: tuple[Any, int, Tensor] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -229,7 +232,10 @@ class MultiTaskModule(pl.LightningModule):
 
         first = batch_idx == 0 and trainer.global_step == 0  # the first step of a run
         if is_sync:
+            if strategy.needs_post_step_losses:  # the window's last micro-batch, recomputed after the step
+                self._post_step_input = (batch, batch_idx, global_losses)
             self._end_window(strategy, batch_idx)
+            self._post_step_input = None
         self._log_training(strategy, global_losses, first)
 
     def _optimizer_list(self) -> list[Any]:
@@ -265,7 +271,34 @@ class MultiTaskModule(pl.LightningModule):
             opt.zero_grad(set_to_none=True)
         guard.window_stepped()
         strategy.on_optimizer_step(self, skipped)
+        if not skipped and strategy.needs_post_step_losses:
+            self._post_step_losses(strategy)
         step_schedulers(self, "step")
+
+    def _post_step_losses(self, strategy: MTLStrategy) -> None:
+        """The hook of strategies with ``needs_post_step_losses`` (FAMO): the losses of the window's last
+        micro-batch recomputed after the optimizer step, once per optimizer step, without gradient, in the
+        forward context of the precision plugin (autocast under AMP; nothing is scaled), with ``self.log``
+        silenced and no metric update; averaged over ranks and handed to ``strategy.on_post_step_losses``.
+        A non-finite recomputed loss skips the hook for that step (with a warning)."""
+        state = self.__dict__.get("_post_step_input")
+        if state is None:
+            return
+        batch, batch_idx, before = state
+        precision = getattr(self.trainer, "precision_plugin", None)
+        forward = precision.forward_context() if precision is not None else nullcontext()
+        with torch.no_grad(), forward, _lightning.silenced_logging(self):
+            losses, _ = split_task_output(self.task_losses(batch, batch_idx))
+            after = self._stack_losses(losses, "training", training=False).detach().float()
+        self._shared_representation = None
+        after = reduce_mean(self.trainer, after)
+        if not bool(torch.isfinite(after).all()):
+            rank_zero_warn(
+                f"{type(strategy).__name__}: the losses recomputed after the optimizer step at batch {batch_idx} "
+                f"are not finite ({dict(zip(self.task_names, after.tolist()))}); its post-step update is skipped."
+            )
+            return
+        strategy.on_post_step_losses(self, before, after)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

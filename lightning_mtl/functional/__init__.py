@@ -6,6 +6,12 @@ return the update ``[P]``, and the Gramian-expressible ones also expose ``<name>
 :func:`cosine_min` read the task gradients' cosines from it.
 """
 
+from lightning_mtl.functional.famo import (
+    famo_effective_weights,
+    famo_logits_grad,
+    famo_objective,
+    famo_weights,
+)
 from lightning_mtl.functional.gradient_methods import *  # noqa: F403
 from lightning_mtl.functional.gradient_methods import __all__ as _gradient_all
 from lightning_mtl.functional.gradnorm import (
@@ -40,6 +46,10 @@ from lightning_mtl.functional.slaw_stch import (
 __all__ = [
     *_gradient_all,
     "dwa_weights",
+    "famo_effective_weights",
+    "famo_logits_grad",
+    "famo_objective",
+    "famo_weights",
     "gls_loss",
     "gls_weights",
     "cap_weights",

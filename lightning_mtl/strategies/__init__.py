@@ -9,6 +9,7 @@ from lightning_mtl.strategies.cagrad import CAGrad
 from lightning_mtl.strategies.dwa import DWA
 from lightning_mtl.strategies.equal import EqualWeighting
 from lightning_mtl.strategies.fairgrad import FairGrad
+from lightning_mtl.strategies.famo import FAMO
 from lightning_mtl.strategies.gls import GLS
 from lightning_mtl.strategies.graddrop import GradDrop
 from lightning_mtl.strategies.gradnorm import GradNorm
@@ -27,6 +28,7 @@ from lightning_mtl.strategies.upgrad import DualProj, UPGrad
 
 __all__ = [
     "DWA",
+    "FAMO",
     "GLS",
     "IMTL",
     "IMTLG",

@@ -98,6 +98,19 @@ class MTLStrategy(Callback):
             return losses.sum()
         return (weights.to(losses.device, losses.dtype) * losses).sum()
 
+    #: Whether the strategy needs the losses of the same batch after the optimizer step (FAMO). When ``True``,
+    #: after every optimizer step that was taken (not one the AMP scaler skipped, nor a discarded window) the
+    #: module recomputes the losses of the window's last micro-batch without gradient and calls
+    #: :meth:`on_post_step_losses`; the strategy never runs that forward itself.
+    needs_post_step_losses: bool = False
+
+    def on_post_step_losses(
+        self, module: pl.LightningModule, losses_before: Tensor, losses_after: Tensor
+    ) -> None:
+        """Called after the optimizer step when :attr:`needs_post_step_losses` is set, with the rank-averaged
+        ``[T]`` losses of the window's last micro-batch before the step (``ctx.global_losses`` of that
+        micro-batch) and after it (recomputed under ``torch.no_grad()``, same batch, module in train mode)."""
+
     def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
         """Called after the optimizer step (``skipped``: the AMP scaler skipped it for inf/NaN gradients)."""
 

@@ -53,6 +53,7 @@ STRATEGIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "SLAW": ("slaw", "SLAW", {}),
     "STCH": ("stch", "STCH", {}),
     "IMTLL": ("imtl", "IMTLL", {}),
+    "FAMO": ("famo", "FAMO", {}),
     "GradNorm": ("gradnorm", "GradNorm", {}),
     "PCGrad": ("pcgrad", "PCGrad", {}),
     "MGDA": ("mgda", "MGDA", {}),

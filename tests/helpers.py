@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_mtl import MultiTaskModule, Task
 
@@ -158,3 +158,41 @@ def bound(strategy: Any, names: Sequence[str] = ("a", "b")) -> Any:
     """``strategy`` attached to tasks ``names`` (what ``setup`` does), for tests that call it directly."""
     strategy.bind([Task(n) for n in names])
     return strategy
+
+
+def ddp_parity_records(
+    tmp_path: Any,
+    make_strategy: Any,
+    *,
+    epochs: int,
+    batch_size: int = 8,
+    n: int = 64,
+    model: Any = TinyNet,
+    tag: str = "run",
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Train ``model()`` with ``make_strategy()`` on 2 ``ddp_spawn`` CPU ranks × ``batch_size`` and on one
+    process × ``2·batch_size`` with the permutation Lightning's injected ``DistributedSampler`` gives the ranks
+    (seed 0), and return the :class:`RecordState` records ``(single, rank0, rank1)``: batch k of the single
+    process is the union of the ranks' batches k. ``os.environ`` is restored (and ``PL_GLOBAL_SEED`` unset
+    during the runs)."""
+    ds = make_data(n=n)
+    records = []
+    with restore_environ():
+        os.environ.pop("PL_GLOBAL_SEED", None)
+        for devices in (1, 2):
+            out = tmp_path / f"{tag}-{devices}"
+            out.mkdir()
+            kwargs: dict[str, Any] = dict(
+                max_epochs=epochs, callbacks=[make_strategy(), RecordState(str(out))]
+            )
+            if devices == 1:
+                sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+                trainer(**kwargs).fit(model(), DataLoader(ds, batch_size=2 * batch_size, sampler=sampler))
+                records.append(load_record(str(out)))
+            else:
+                trainer(strategy="ddp_spawn", devices=2, **kwargs).fit(
+                    model(), DataLoader(ds, batch_size=batch_size)
+                )
+                records += [load_record(str(out), 0), load_record(str(out), 1)]
+    single, rank0, rank1 = records
+    return single, rank0, rank1

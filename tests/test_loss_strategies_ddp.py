@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import RecordState, TinyNet, load_record, make_data, restore_environ, trainer
-from torch.utils.data import DataLoader, DistributedSampler
+from helpers import ddp_parity_records
 
 from lightning_mtl.strategies import DWA, GLS, RLW, EqualWeighting, StaticWeighting, UncertaintyWeighting
 
@@ -24,29 +23,12 @@ def _strategies():
     }
 
 
-def _fit(tmp_path, name: str, devices: int):
-    ds = make_data(n=64)
-    out = tmp_path / f"{name}-{devices}"
-    out.mkdir()
-    kwargs = dict(max_epochs=EPOCHS, callbacks=[_strategies()[name](), RecordState(str(out))])
-    if devices == 1:
-        # the same permutation Lightning's injected DistributedSampler gives the ranks (seed 0)
-        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-        dl = DataLoader(ds, batch_size=2 * B, sampler=sampler)
-        trainer(**kwargs).fit(TinyNet(), dl)
-        return [load_record(str(out))]
-    dl = DataLoader(ds, batch_size=B)
-    trainer(strategy="ddp_spawn", devices=2, **kwargs).fit(TinyNet(), dl)
-    return [load_record(str(out), 0), load_record(str(out), 1)]
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", list(_strategies()))
-def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, monkeypatch, name):
-    with restore_environ():
-        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-        single = _fit(tmp_path, name, 1)[0]
-        rank0, rank1 = _fit(tmp_path, name, 2)
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, name):
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path, _strategies()[name], epochs=EPOCHS, batch_size=B, tag=name
+    )
     # identical parameters and strategy state on every rank
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["weights"] == rank1["weights"]

@@ -7,20 +7,17 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
-    RecordState,
     ScalarNet,
     TinyNet,
     bound,
+    ddp_parity_records,
     dummy_loader,
     flat_params,
-    load_record,
     loader,
     make_data,
-    restore_environ,
     trainer,
 )
 from lightning.pytorch.plugins import MixedPrecision
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_mtl.functional import famo_effective_weights, famo_logits_grad, famo_objective, famo_weights
 from lightning_mtl.strategies import FAMO
@@ -234,26 +231,9 @@ def test_resume_matches_uninterrupted(tmp_path):
 B = 8
 
 
-def _fit(tmp_path, devices: int):
-    ds = make_data(n=64)
-    out = tmp_path / f"famo-{devices}"
-    out.mkdir()
-    kwargs = dict(max_epochs=2, callbacks=[FAMO(lr=0.05), RecordState(str(out))])
-    if devices == 1:
-        # the same permutation Lightning's injected DistributedSampler gives the ranks (seed 0)
-        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-        trainer(**kwargs).fit(TinyNet(), DataLoader(ds, batch_size=2 * B, sampler=sampler))
-        return [load_record(str(out))]
-    trainer(strategy="ddp_spawn", devices=2, **kwargs).fit(TinyNet(), DataLoader(ds, batch_size=B))
-    return [load_record(str(out), 0), load_record(str(out), 1)]
-
-
 @pytest.mark.timeout(240)
-def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, monkeypatch):
-    with restore_environ():
-        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-        single = _fit(tmp_path, 1)[0]
-        rank0, rank1 = _fit(tmp_path, 2)
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
+    single, rank0, rank1 = ddp_parity_records(tmp_path, lambda: FAMO(lr=0.05), epochs=2, tag="famo")
     assert torch.equal(rank0["params"], rank1["params"])
     xi = [r["state"]["state"]["learnable"]["values"] for r in (single, rank0, rank1)]
     assert torch.equal(xi[1], xi[2])

@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
-    RecordState,
     ScalarNet,
     TinyNet,
     bound,
+    ddp_parity_records,
     dummy_loader,
     flat_params,
-    load_record,
     loader,
     make_data,
-    restore_environ,
     trainer,
 )
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_mtl.cli.registry import make_strategy, resolve_strategy
 from lightning_mtl.functional import log_loss, log_loss_weights, stch_loss, stch_weights
@@ -206,25 +203,11 @@ def test_mid_epoch_resume_during_the_nadir_epoch(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DDP
-def _fit(tmp_path, devices: int):
-    ds = make_data(n=64)
-    out = tmp_path / f"stch-{devices}"
-    out.mkdir()
-    kwargs = dict(max_epochs=3, callbacks=[STCH(mu=0.5, warmup_epochs=1), RecordState(str(out))])
-    if devices == 1:
-        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-        trainer(**kwargs).fit(TinyNet(), DataLoader(ds, batch_size=16, sampler=sampler))
-        return [load_record(str(out))]
-    trainer(strategy="ddp_spawn", devices=2, **kwargs).fit(TinyNet(), DataLoader(ds, batch_size=8))
-    return [load_record(str(out), 0), load_record(str(out), 1)]
-
-
 @pytest.mark.timeout(240)
-def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, monkeypatch):
-    with restore_environ():
-        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-        single = _fit(tmp_path, 1)[0]
-        rank0, rank1 = _fit(tmp_path, 2)
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path, lambda: STCH(mu=0.5, warmup_epochs=1), epochs=3, tag="stch"
+    )
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["weights"] == rank1["weights"]
     torch.testing.assert_close(rank0["params"], single["params"], atol=1e-5, rtol=1e-5)

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import RecordState, RepTinyNet, TinyNet, load_record, make_data, restore_environ, trainer
-from torch.utils.data import DataLoader, DistributedSampler
+from helpers import (
+    RecordState,
+    RepTinyNet,
+    TinyNet,
+    ddp_parity_records,
+    load_record,
+    make_data,
+    restore_environ,
+    trainer,
+)
+from torch.utils.data import DataLoader
 
 from lightning_mtl.strategies.cagrad import CAGrad
 from lightning_mtl.strategies.mgda import MGDA
@@ -27,28 +36,13 @@ CASES = {
 }
 
 
-def _fit(tmp_path, name: str, devices: int):
-    make_strategy, make_model = CASES[name]
-    ds = make_data(n=64)
-    out = tmp_path / f"{name}-{devices}"
-    out.mkdir()
-    kwargs = dict(max_epochs=EPOCHS, callbacks=[make_strategy(), RecordState(str(out))])
-    if devices == 1:
-        # the permutation Lightning's injected DistributedSampler gives the ranks (seed 0)
-        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-        trainer(**kwargs).fit(make_model(), DataLoader(ds, batch_size=2 * B, sampler=sampler))
-        return [load_record(str(out))]
-    trainer(strategy="ddp_spawn", devices=2, **kwargs).fit(make_model(), DataLoader(ds, batch_size=B))
-    return [load_record(str(out), 0), load_record(str(out), 1)]
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", list(CASES))
-def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, monkeypatch, name):
-    with restore_environ():
-        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-        single = _fit(tmp_path, name, 1)[0]
-        rank0, rank1 = _fit(tmp_path, name, 2)
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, name):
+    make_strategy, make_model = CASES[name]
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path, make_strategy, epochs=EPOCHS, batch_size=B, model=make_model, tag=name
+    )
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["weights"] == rank1["weights"]
     assert rank0["global_step"] == single["global_step"] > 0

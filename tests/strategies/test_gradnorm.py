@@ -8,17 +8,14 @@ import math
 import pytest
 import torch
 from helpers import (
-    RecordState,
     TinyNet,
+    ddp_parity_records,
     flat_params,
-    load_record,
     loader,
     make_data,
-    restore_environ,
     trainer,
 )
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_mtl.functional.gradnorm import (
     gradnorm_objective,
@@ -236,31 +233,15 @@ B = 8
 EPOCHS = 2
 
 
-def _fit_parity(tmp_path, devices: int):
-    ds = make_data(n=64)
-    out = tmp_path / f"gradnorm-{devices}"
-    out.mkdir()
-    kwargs = dict(
-        max_epochs=EPOCHS,
-        callbacks=[
-            GradNorm(alpha=1.5, optimizer="adam", lr=0.05, initial_loss_steps=2),
-            RecordState(str(out)),
-        ],
-    )
-    if devices == 1:
-        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
-        trainer(**kwargs).fit(TinyNet(), DataLoader(ds, batch_size=2 * B, sampler=sampler))
-        return [load_record(str(out))]
-    trainer(strategy="ddp_spawn", devices=2, **kwargs).fit(TinyNet(), DataLoader(ds, batch_size=B))
-    return [load_record(str(out), 0), load_record(str(out), 1)]
-
-
 @pytest.mark.timeout(240)
-def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, monkeypatch):
-    with restore_environ():
-        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-        (single,) = _fit_parity(tmp_path, 1)
-        rank0, rank1 = _fit_parity(tmp_path, 2)
+def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path,
+        lambda: GradNorm(alpha=1.5, optimizer="adam", lr=0.05, initial_loss_steps=2),
+        epochs=EPOCHS,
+        batch_size=B,
+        tag="gradnorm",
+    )
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["weights"] == rank1["weights"]
     torch.testing.assert_close(rank0["params"], single["params"], atol=1e-5, rtol=1e-5)

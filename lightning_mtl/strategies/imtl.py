@@ -67,7 +67,58 @@ class _LogScales:
         self.learnable.param.grad = None
 
 
-class IMTLL(LossWeighting):
+class _LearnedLogScales:
+    """What IMTLL and IMTL share: the learned ``sᵢ`` of IMTL-L (arguments, binding, stepping after each
+    optimizer step, discarding, resetting) and the IMTL-L objective. Mixed in before the strategy base."""
+
+    def _set_log_scale_arguments(
+        self,
+        owner: str,
+        init: float,
+        bounds: tuple[float, float] | None,
+        optimizer: OptimizerChoice,
+        lr: float | None,
+    ) -> None:
+        _check_hyper_parameters(owner, init, bounds)
+        LearnableParameters(torch.zeros(1), optimizer, lr)  # validates optimizer / lr now
+        self.init = float(init)
+        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+        self.optimizer = optimizer
+        self.lr = lr
+        self._scales: _LogScales | None = None
+
+    def bind(self, tasks) -> None:  # noqa: ANN001 - see MTLStrategy.bind
+        super().bind(tasks)  # type: ignore[misc]
+        T = len(self.task_names)  # type: ignore[attr-defined]
+        if self._scales is None or self._scales.s.numel() != T:
+            self._scales = _LogScales(T, self.init, self.optimizer, self.lr)
+
+    @property
+    def log_scales(self) -> Tensor:
+        """The learned ``sᵢ`` (detached), in task order; the losses are scaled by ``e^{sᵢ}``."""
+        assert self._scales is not None, f"{type(self).__name__} is not attached to a module yet"
+        return self._scales.s
+
+    def objective(self, losses: Tensor) -> Tensor:
+        assert self._scales is not None
+        return imtl_l_objective(losses, self._scales.s.to(losses))
+
+    def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
+        super().on_optimizer_step(module, skipped)  # type: ignore[misc]
+        assert self._scales is not None
+        self._scales.step(module, skipped, self.bounds)
+
+    def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
+        super().on_accumulation_window_discarded(module)  # type: ignore[misc]
+        if self._scales is not None:
+            self._scales.discard()
+
+    def reset_state(self) -> None:
+        super().reset_state()  # type: ignore[misc]
+        self._scales = None  # bind() builds fresh s at ``init`` with a fresh optimizer
+
+
+class IMTLL(_LearnedLogScales, LossWeighting):
     """IMTL-L, the loss balance of IMTL alone: Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards
     Impartial Multi-task Learning", ICLR 2021 (https://openreview.net/forum?id=IMPnRXEWpvr), the loss balance.
 
@@ -100,24 +151,7 @@ class IMTLL(LossWeighting):
         lr: float | None = None,
     ) -> None:
         super().__init__()
-        _check_hyper_parameters("IMTLL", init, bounds)
-        LearnableParameters(torch.zeros(1), optimizer, lr)  # validates optimizer / lr now
-        self.init = float(init)
-        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
-        self.optimizer = optimizer
-        self.lr = lr
-        self._scales: _LogScales | None = None
-
-    def bind(self, tasks) -> None:  # noqa: ANN001 - see MTLStrategy.bind
-        super().bind(tasks)
-        if self._scales is None or self._scales.s.numel() != len(self.task_names):
-            self._scales = _LogScales(len(self.task_names), self.init, self.optimizer, self.lr)
-
-    @property
-    def log_scales(self) -> Tensor:
-        """The learned ``sᵢ`` (detached), in task order; the weights are ``e^{sᵢ}``."""
-        assert self._scales is not None, "IMTLL is not attached to a module yet"
-        return self._scales.s
+        self._set_log_scale_arguments("IMTLL", init, bounds, optimizer, lr)
 
     def backward(self, ctx: StepContext) -> None:
         assert self._scales is not None
@@ -125,23 +159,9 @@ class IMTLL(LossWeighting):
         ctx.backward((scale * ctx.losses).sum())
         self._weights = scale
 
-    def objective(self, losses: Tensor) -> Tensor:
-        assert self._scales is not None
-        s = self._scales.s
-        return imtl_l_objective(losses, s.to(losses))
-
     def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
-        assert self._scales is not None
-        self._scales.step(module, skipped, self.bounds)
+        super().on_optimizer_step(module, skipped)
         self._weights = None  # s moved: weights_tensor() recomputes on demand
-
-    def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
-        if self._scales is not None:
-            self._scales.discard()
-
-    def reset_state(self) -> None:
-        super().reset_state()
-        self._scales = None  # bind() builds fresh s at ``init`` with a fresh optimizer
 
     def weights_tensor(self) -> Tensor | None:
         return None if self._scales is None else self._scales.s.exp()
@@ -166,7 +186,7 @@ class IMTLL(LossWeighting):
             self._scales.learnable.load_state_dict(state["learnable"], order)
 
 
-class IMTL(GradientWeighting):
+class IMTL(_LearnedLogScales, GradientWeighting):
     """IMTL, the hybrid of loss and gradient balance: Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang,
     "Towards Impartial Multi-task Learning", ICLR 2021 (https://openreview.net/forum?id=IMPnRXEWpvr), the
     hybrid balance.
@@ -213,27 +233,12 @@ class IMTL(GradientWeighting):
         sync: SyncMode = "exact",
         jacobian: JacobianMethod = "auto",
     ) -> None:
-        _check_hyper_parameters("IMTL", init, bounds)
-        LearnableParameters(torch.zeros(1), optimizer, lr)  # validates optimizer / lr now
+        self._set_log_scale_arguments(
+            "IMTL", init, bounds, optimizer, lr
+        )  # checked before the base's arguments
         super().__init__(mode=mode, update_every=update_every, sync=sync, jacobian=jacobian)
-        self.init = float(init)
-        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
-        self.optimizer = optimizer
-        self.lr = lr
-        self._scales: _LogScales | None = None
         self._scale: Tensor | None = None  # e^{s} of the current micro-batch
         self._alpha: Tensor | None = None
-
-    def bind(self, tasks) -> None:  # noqa: ANN001 - see MTLStrategy.bind
-        super().bind(tasks)
-        if self._scales is None or self._scales.s.numel() != len(self.task_names):
-            self._scales = _LogScales(len(self.task_names), self.init, self.optimizer, self.lr)
-
-    @property
-    def log_scales(self) -> Tensor:
-        """The learned ``sᵢ`` (detached), in task order; the losses are scaled by ``e^{sᵢ}``."""
-        assert self._scales is not None, "IMTL is not attached to a module yet"
-        return self._scales.s
 
     @property
     def alpha(self) -> Tensor | None:
@@ -256,23 +261,8 @@ class IMTL(GradientWeighting):
     def head_weights(self) -> Tensor | None:
         return self._scale
 
-    def objective(self, losses: Tensor) -> Tensor:
-        assert self._scales is not None
-        return imtl_l_objective(losses, self._scales.s.to(losses))
-
-    def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
-        super().on_optimizer_step(module, skipped)
-        assert self._scales is not None
-        self._scales.step(module, skipped, self.bounds)
-
-    def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
-        super().on_accumulation_window_discarded(module)
-        if self._scales is not None:
-            self._scales.discard()
-
     def reset_state(self) -> None:
         super().reset_state()
-        self._scales = None  # bind() builds fresh s at ``init`` with a fresh optimizer
         self._scale = None
 
     # ------------------------------------------------------------------ what gets logged / saved

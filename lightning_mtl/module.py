@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_mtl import _lightning
 from lightning_mtl._logging import add_tensorboard_layout
+from lightning_mtl.batch_parts import part_sizes, split_batch
 from lightning_mtl.checks import check_fit_configuration, check_module_arguments, stack_losses
 from lightning_mtl.evaluation import (
     EvalLosses,
@@ -210,17 +211,26 @@ class MultiTaskModule(pl.LightningModule):
         position = batch_idx % k
         is_sync = position == k - 1 or bool(trainer.is_last_batch)
         self._shared_representation = None
-        losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
-        stacked = self._stack_losses(losses, "training", training=True)
+        part_losses: list[Tensor] | None = None
+        sizes: list[int] | None = None
+        if strategy.batch_parts > 1:  # independent gradient samples (MoDo, SDMGrad)
+            stacked, part_losses, sizes, outputs_list = self._part_losses(strategy, batch, batch_idx)
+        else:
+            losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
+            stacked = self._stack_losses(losses, "training", training=True)
+            outputs_list = [outputs]
         detached = stacked.detach()
         global_losses = reduce_mean(trainer, detached)
         self._nonfinite.check_losses(detached, global_losses, "training", batch_idx, self.current_epoch)
 
         if not self._nonfinite.window_discarded:
-            ctx = StepContext(self, stacked, global_losses, k, is_sync, position == 0, batch_idx)
+            ctx = StepContext(
+                self, stacked, global_losses, k, is_sync, position == 0, batch_idx, part_losses, sizes
+            )
             # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
             if self.task_metrics is not None:
-                self.task_metrics.update("train", outputs)
+                for outputs in outputs_list:
+                    self.task_metrics.update("train", outputs)
             loss_dict = dict(zip(self.task_names, stacked.unbind()))
             for cb in _callbacks_with(trainer, "on_task_losses"):
                 cb.on_task_losses(trainer, self, loss_dict, batch, batch_idx, ctx)
@@ -237,6 +247,30 @@ class MultiTaskModule(pl.LightningModule):
             self._end_window(strategy, batch_idx)
             self._post_step_input = None
         self._log_training(strategy, global_losses, first)
+
+    def _part_losses(
+        self, strategy: MTLStrategy, batch: Any, batch_idx: int
+    ) -> tuple[Tensor, list[Tensor], list[int], list[Any]]:
+        """``task_losses`` on each of the strategy's ``batch_parts`` disjoint parts of ``batch``: the parts'
+        size-weighted mean losses ``[T]``, each part's losses, the part sizes and each part's metric outputs."""
+        k = strategy.batch_parts
+        try:
+            pieces = split_batch(batch, k)
+        except ValueError as err:
+            raise ValueError(
+                f"{type(strategy).__name__} takes {k} independent gradient samples per step from disjoint parts of "
+                f"each training batch, and this batch cannot be split: {err}"
+            ) from err
+        sizes = part_sizes(batch, k)
+        part_losses, outputs_list = [], []
+        for piece in pieces:
+            self._shared_representation = None
+            losses, outputs = split_task_output(self.task_losses(piece, batch_idx))
+            part_losses.append(self._stack_losses(losses, "training", training=True))
+            outputs_list.append(outputs)
+        n = sum(sizes)
+        stacked = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
+        return stacked, part_losses, sizes, outputs_list
 
     def _optimizer_list(self) -> list[Any]:
         opts = self.optimizers()

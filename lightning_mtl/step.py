@@ -39,6 +39,10 @@ class StepContext:
         is_sync_step: ``True`` on the last micro-batch of an accumulation window (the optimizer steps after it).
         is_window_start: ``True`` on the first micro-batch of an accumulation window.
         batch_idx: the batch index Lightning passed to ``training_step``.
+        part_losses: for strategies with ``batch_parts = k > 1`` (MoDo, SDMGrad): the losses ``[T]`` of each of
+            the ``k`` disjoint parts of the batch (:func:`~lightning_mtl.batch_parts.split_batch`), attached to
+            the graph; ``losses`` is then their mean weighted by :attr:`part_sizes`. ``None`` otherwise.
+        part_sizes: the number of samples of each part (``None`` without parts).
     """
 
     def __init__(
@@ -50,6 +54,8 @@ class StepContext:
         is_sync_step: bool = True,
         is_window_start: bool = True,
         batch_idx: int = 0,
+        part_losses: list[Tensor] | None = None,
+        part_sizes: list[int] | None = None,
     ) -> None:
         self.module = module
         self.losses = losses
@@ -58,6 +64,8 @@ class StepContext:
         self.is_sync_step = is_sync_step
         self.is_window_start = is_window_start
         self.batch_idx = batch_idx
+        self.part_losses = part_losses
+        self.part_sizes = part_sizes
 
     @property
     def trainer(self) -> pl.Trainer:

@@ -88,6 +88,9 @@ class TaskGradients:
         self._representations: list[tuple[Tensor, Tensor]] = []  # (z_m, its per-task gradients [T, numel])
         self._params: list[nn.Parameter] | None = None
         self._J: Tensor | None = None
+        self._part_sum: Tensor | None = None  # Σ over micro-batches of the parts' Jacobians [k, T, P]
+        self._part_fractions: Tensor | None = None  # the parts' shares of the batch [k]
+        self._parts_J: Tensor | None = None
         self.count = 0
 
     def parameters(self, module: nn.Module) -> list[nn.Parameter]:
@@ -115,6 +118,19 @@ class TaskGradients:
         ``keep_graph=False`` when the caller back-propagates the micro-batch itself (GradNorm's weights are
         known up front); otherwise the losses are kept for :meth:`backward` at the window's end.
         """
+        if ctx.part_losses is not None and self.target == "parameters":
+            self._add_parts(ctx)
+        else:
+            self._add_whole(ctx)
+        losses = ctx.global_losses if self.sync == "exact" else ctx.losses.detach()
+        self._loss_sum = losses.clone() if self._loss_sum is None else self._loss_sum + losses
+        if keep_graph:
+            self._losses.append(ctx.losses)
+        self._J = None
+        self._parts_J = None
+        self.count += 1
+
+    def _add_whole(self, ctx: StepContext) -> None:
         z, grads = self.local(ctx)
         if z is None:
             self._sum = grads if self._sum is None else self._sum + grads
@@ -122,12 +138,30 @@ class TaskGradients:
             G = gramian(grads)
             self._sum = G if self._sum is None else self._sum + G
             self._representations.append((z, grads))
-        losses = ctx.global_losses if self.sync == "exact" else ctx.losses.detach()
-        self._loss_sum = losses.clone() if self._loss_sum is None else self._loss_sum + losses
-        if keep_graph:
-            self._losses.append(ctx.losses)
-        self._J = None
-        self.count += 1
+
+    def _add_parts(self, ctx: StepContext) -> None:
+        """The per-task gradients of each of the batch's disjoint parts (``ctx.part_losses``); the whole batch's
+        are their size-weighted mean (:meth:`jacobian`)."""
+        assert ctx.part_losses is not None and ctx.part_sizes is not None
+        scale = grad_scale(ctx.trainer)
+        params = self.parameters(ctx.module)
+        parts = torch.stack([self._engine(L, params, scale).detach() for L in ctx.part_losses])  # [k, T, P]
+        sizes = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)
+        self._part_sum = parts if self._part_sum is None else self._part_sum + parts
+        self._part_fractions = sizes / sizes.sum()
+
+    def part_jacobians(self, ctx: StepContext) -> Tensor:
+        """The Jacobians ``[k, T, P]`` of the ``k`` disjoint batch parts' mean losses over the window (of the
+        union of the ranks' parts with ``sync="exact"``: see :mod:`lightning_mtl.batch_parts`), one reduction."""
+        if self._part_sum is None:
+            raise RuntimeError(
+                f"{self.owner}: no batch parts were added (the strategy must set batch_parts > 1 and use "
+                "target='parameters')."
+            )
+        if self._parts_J is None:
+            parts = self._part_sum / self.count
+            self._parts_J = reduce_mean(ctx.trainer, parts) if self._ranks(ctx) > 1 else parts
+        return self._parts_J
 
     @property
     def representations(self) -> list[tuple[Tensor, Tensor]]:
@@ -147,6 +181,11 @@ class TaskGradients:
         """The Jacobian ``[T, P]`` of the window's mean losses (of the global batch with ``sync="exact"``)."""
         if self.target != "parameters":
             raise RuntimeError(f"{self.owner}: the Jacobian is only formed for target='parameters'.")
+        if (
+            self._J is None and self._part_sum is not None
+        ):  # the parts' size-weighted mean: no second reduction
+            assert self._part_fractions is not None
+            self._J = torch.einsum("k,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
         if self._J is None:
             assert self._sum is not None, "no micro-batch was added"
             J = self._sum / self.count
@@ -216,6 +255,18 @@ class TaskGradients:
             total = sum((head_weights.to(L) * L).sum() for L in self._losses)
             for z, Z in self._representations:
                 total = total + self._representation_term(z, (weights.to(Z) - head_weights.to(Z)) @ Z)
+        self.reset()
+        ctx.backward(total)
+
+    def backward_direction(self, ctx: StepContext, direction: Tensor, head_weights: Tensor) -> None:
+        """One backward of the window's losses in which the shared parameters receive ``direction`` (flat
+        ``[P]``, identical on every rank with ``sync="exact"``; DDP averages it) and the task-specific ones
+        ``Σ hᵢ∇Lᵢ``: the methods whose update is not ``Jᵀw`` of the step's Jacobian (MoCo's tracked gradients,
+        DB-MTL's moving average, MoDo's and SDMGrad's independent samples). Back-propagates
+        ``Σ hᵢLᵢ + ⟨θ_shared, d − Jᵀh⟩``."""
+        J = self.jacobian(ctx)
+        correction = self._parameter_term(ctx, direction.to(J) - head_weights.to(J) @ J)
+        total = sum((head_weights.to(L) * L).sum() for L in self._losses) + self.count * correction
         self.reset()
         ctx.backward(total)
 

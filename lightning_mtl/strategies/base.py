@@ -104,6 +104,12 @@ class MTLStrategy(Callback):
     #: :meth:`on_post_step_losses`; the strategy never runs that forward itself.
     needs_post_step_losses: bool = False
 
+    #: Independent gradient samples per step (MoDo, SDMGrad). With ``k > 1`` the module splits each training
+    #: batch along dim 0 into ``k`` disjoint contiguous parts (:func:`~lightning_mtl.batch_parts.split_batch`),
+    #: calls ``task_losses`` once per part and hands the parts' losses to :meth:`backward` as
+    #: ``ctx.part_losses`` (``ctx.losses`` is their size-weighted mean, the whole batch's mean loss).
+    batch_parts: int = 1
+
     def on_post_step_losses(
         self, module: pl.LightningModule, losses_before: Tensor, losses_after: Tensor
     ) -> None:

@@ -1,0 +1,138 @@
+"""Independent gradient samples (strategies with ``batch_parts > 1``) and shared-direction updates
+(:class:`GradientDirection`): the batch splitter, the module's per-part losses, the engine's part Jacobians
+and ``backward_direction``, DDP exactness of the parts."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+from helpers import TinyNet, ddp_parity_records, flat_params, loader, make_data, trainer
+
+from lightning_mtl.batch_parts import batch_length, part_sizes, split_batch
+from lightning_mtl.strategies import EqualWeighting
+from lightning_mtl.strategies._gradient_direction import Direction, GradientDirection
+
+
+# ------------------------------------------------------------------------------------------ split_batch
+def test_split_tensors_dicts_namedtuples_and_string_columns():
+    Pair = namedtuple("Pair", ["x", "y"])
+    batch = {
+        "input": Pair(torch.arange(7).view(7, 1), torch.arange(7) * 10),
+        "names": [f"s{i}" for i in range(7)],
+        "meta": {"source": "train", "k": 3, "none": None},
+    }
+    parts = split_batch(batch, 3)
+    assert part_sizes(batch, 3) == [3, 2, 2]
+    assert [p["input"].x.flatten().tolist() for p in parts] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [p["input"].y.tolist() for p in parts] == [[0, 10, 20], [30, 40], [50, 60]]
+    assert all(isinstance(p["input"], Pair) for p in parts)
+    assert [p["names"] for p in parts] == [["s0", "s1", "s2"], ["s3", "s4"], ["s5", "s6"]]
+    assert all(p["meta"] == {"source": "train", "k": 3, "none": None} for p in parts)
+    # the parts are disjoint and their union is the batch, in order
+    assert torch.cat([p["input"].x for p in parts]).flatten().tolist() == list(range(7))
+
+
+def test_split_list_and_tuple_batches_keep_their_type():
+    x, y = torch.randn(6, 2), torch.randn(6)
+    for batch in ([x, y], (x, y)):
+        parts = split_batch(batch, 2)
+        assert all(type(p) is type(batch) for p in parts)
+        torch.testing.assert_close(parts[1][0], x[3:])
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (
+            {"x": torch.zeros(4, 2), "y": torch.zeros(5)},
+            r"different sizes along dim 0.*\['x'\]: 4.*\['y'\]: 5",
+        ),
+        ((torch.zeros(4), torch.tensor(2.0)), r"batch\[1\] is a 0-d tensor"),
+        ({"a": 1, "b": "s"}, "holds no tensor"),
+        (torch.zeros(2, 3), "batch of 2 sample.*into 3 disjoint parts.*batch size of at least 3"),
+    ],
+)
+def test_unsplittable_batches_are_clear_errors(batch, message):
+    with pytest.raises(ValueError, match=message):
+        split_batch(batch, 3)
+
+
+def test_batch_length_and_bad_part_count():
+    assert batch_length([torch.zeros(5, 1), [torch.zeros(5)]]) == 5
+    with pytest.raises(ValueError, match="parts must be an int >= 1"):
+        split_batch(torch.zeros(4), 0)
+
+
+# ------------------------------------------------------------------------------------------ engine & module
+class PlainDirection(GradientDirection):
+    """d = Σᵢ gᵢ of the whole batch (or of the mean over the parts): equal weighting written as a direction."""
+
+    def __init__(self, parts: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.batch_parts = parts
+        self.seen: list[tuple[int, ...]] = []
+
+    def compute_direction(self, jacobian, losses):
+        self.seen.append(tuple(jacobian.shape))
+        J = jacobian if jacobian.dim() == 2 else jacobian.mean(0)
+        T = J.shape[0]
+        ones = torch.ones(T, device=J.device)
+        return Direction(J.sum(0), ones, ones)
+
+
+def _fit(strategy, epochs=2, batch_size=12, accumulate=1, **kwargs):
+    net = TinyNet(accumulate_grad_batches=accumulate, **kwargs)
+    trainer(max_epochs=epochs, callbacks=[strategy]).fit(net, loader(make_data(n=48), batch_size))
+    return flat_params(net)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_direction_equal_to_sum_of_gradients_matches_equal_weighting(accumulate):
+    reference = _fit(EqualWeighting(), accumulate=accumulate)
+    torch.testing.assert_close(_fit(PlainDirection(), accumulate=accumulate), reference, atol=1e-6, rtol=0)
+
+
+def test_parts_mean_equals_the_whole_batch_and_parts_reach_the_strategy():
+    strategy = PlainDirection(parts=3)
+    # equal parts (12 = 3 × 4): the mean of the parts' Jacobians is the whole batch's
+    torch.testing.assert_close(_fit(strategy), _fit(EqualWeighting()), atol=1e-6, rtol=0)
+    assert strategy.seen and all(shape[:2] == (3, 3) for shape in strategy.seen)
+
+
+def test_task_losses_is_called_once_per_part_on_disjoint_samples():
+    calls: list[int] = []
+
+    class Counting(TinyNet):
+        def task_losses(self, batch, batch_idx):
+            calls.append(batch[0].shape[0])
+            return super().task_losses(batch, batch_idx)
+
+    trainer(max_steps=1, callbacks=[PlainDirection(parts=3)]).fit(Counting(), loader(make_data(n=48), 10))
+    assert calls == [4, 3, 3]
+
+
+def test_a_batch_that_cannot_be_split_names_the_strategy_and_the_fix():
+    with pytest.raises(
+        ValueError, match=r"PlainDirection takes 3 independent gradient samples.*batch size of at least 3"
+    ):
+        _fit(PlainDirection(parts=3), batch_size=2)
+
+
+class FirstPart(PlainDirection):
+    """Only part 0 moves the shared parameters (top-level: ddp_spawn pickles it)."""
+
+    def compute_direction(self, jacobian, losses):
+        ones = torch.ones(jacobian.shape[1], device=jacobian.device)
+        return Direction(jacobian[0].sum(0), ones, ones)
+
+
+@pytest.mark.timeout(240)
+def test_parts_are_exact_under_ddp(tmp_path):
+    # 2 ranks × 6 ≡ 1 process × 12: the union of the ranks' part j is the single process's part j
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path, lambda: FirstPart(parts=3), epochs=3, batch_size=6, n=48, tag="parts"
+    )
+    torch.testing.assert_close(rank0["params"], rank1["params"], atol=0, rtol=0)
+    torch.testing.assert_close(single["params"], rank0["params"], atol=1e-5, rtol=0)

@@ -1,0 +1,123 @@
+"""MoDo (Chen, Fernando, Ying & Chen, NeurIPS 2023): the λ update from two independent gradient samples and
+the shared direction from a third; and the Euclidean projection onto the simplex that MoDo and SDMGrad share.
+
+Pure functions of tensors, on any device, without host synchronisation (no ``.item()``, no data-dependent
+Python branch): a strategy can run them every step on the accelerator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["cross_gramian", "modo_direction", "modo_weights", "project_onto_simplex"]
+
+_METHOD = "MoDo"
+
+
+def project_onto_simplex(v: Tensor) -> Tensor:
+    """The Euclidean projection ``argmin_{x ∈ Δ} ‖x − v‖`` of ``v`` (along its last dimension) onto the probability
+    simplex ``Δ = {x ≥ 0, Σx = 1}``.
+
+    The sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi et al., ICML 2008, Fig. 1): with ``u`` the entries
+    sorted in decreasing order and ``ρ`` the largest ``j`` with ``uⱼ − (Σ_{i≤j} uᵢ − 1)/j > 0``, the projection is
+    ``max(v − θ, 0)`` with ``θ = (Σ_{i≤ρ} uᵢ − 1)/ρ``. Vectorised (leading dimensions are batches), on the
+    device and in the dtype of ``v``, with no host synchronisation.
+    """
+    if not isinstance(v, Tensor) or v.ndim < 1 or v.shape[-1] < 1 or not v.is_floating_point():
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(
+            f"project_onto_simplex needs a floating-point tensor [..., T] with T >= 1, got {shape}."
+        )
+    T = v.shape[-1]
+    u = torch.sort(v, dim=-1, descending=True).values
+    excess = u.cumsum(dim=-1) - 1.0
+    j = torch.arange(1, T + 1, device=v.device, dtype=v.dtype)
+    # the condition holds for j = 1 (u₁ − (u₁ − 1) = 1) and for a prefix of j: ρ is the number of true entries
+    rho = (u - excess / j > 0).sum(dim=-1, keepdim=True).clamp_min(1)
+    theta = excess.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - theta).clamp_min(0.0)
+
+
+def cross_gramian(J1: Tensor, J2: Tensor) -> Tensor:
+    """``J₁J₂ᵀ`` ``[T, T]`` in float64 (on the device of ``J₁``) from two Jacobians ``[T, P]`` of independent
+    samples: an unbiased estimate of the Gramian ``E[J]E[J]ᵀ``, not symmetric nor PSD in general."""
+    for name, J in (("J1", J1), ("J2", J2)):
+        if not isinstance(J, Tensor) or J.ndim != 2 or not J.is_floating_point():
+            shape = tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__
+            raise ValueError(f"{name} must be a floating-point [T, P] Jacobian, got {shape}.")
+    if J1.shape != J2.shape:
+        raise ValueError(
+            f"J1 and J2 must be Jacobians of the same tasks and parameters, got shapes {tuple(J1.shape)} and "
+            f"{tuple(J2.shape)}."
+        )
+    return J1.detach().to(torch.float64) @ J2.detach().to(device=J1.device, dtype=torch.float64).T
+
+
+def _check_number(value: float, name: str, *, positive: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound} for {_METHOD}, got {value!r}.")
+    return float(value)
+
+
+def _check_parts(parts: Tensor, method: str) -> None:
+    if (
+        not isinstance(parts, Tensor)
+        or parts.ndim != 3
+        or parts.shape[0] != 3
+        or not parts.is_floating_point()
+    ):
+        shape = tuple(parts.shape) if isinstance(parts, Tensor) else type(parts).__name__
+        raise ValueError(
+            f"{method} needs the Jacobians [3, T, P] of three independent samples (disjoint parts of the batch), "
+            f"got {shape}."
+        )
+
+
+def modo_weights(M: Tensor, lam: Tensor | None, *, gamma: float = 0.1, rho: float = 0.1) -> Tensor:
+    """One MoDo step of the weights: ``λ⁺ = Π_Δ(λ − γ(Mλ + ρλ))`` with ``M = J₁J₂ᵀ`` (:func:`cross_gramian`).
+
+    ``J₁J₂ᵀλ`` is an unbiased estimate of ``∇_λ ½‖Jᵀλ‖²`` (double sampling); ``ρλ`` the gradient of the
+    regulariser ``½ρ‖λ‖²`` of the authors' code (``ρ = 0`` is the paper's plain update).
+
+    Args:
+        M: ``[T, T]`` product of the Jacobians of two independent samples.
+        lam: the current ``λ ∈ Δ`` ``[T]``; ``None`` starts from ``1/T`` (the authors' initialisation).
+        gamma: step size ``γ > 0`` of ``λ``.
+        rho: regularisation ``ρ ≥ 0``.
+
+    Returns:
+        ``λ⁺`` ``[T]`` on the simplex, float64 on the device of ``M``.
+    """
+    gamma = _check_number(gamma, "gamma", positive=True)
+    rho = _check_number(rho, "rho", positive=False)
+    if not isinstance(M, Tensor) or M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] < 1:
+        shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
+        raise ValueError(f"M must be a [T, T] matrix J₁J₂ᵀ for {_METHOD}, got {shape}.")
+    T = M.shape[0]
+    M64 = M.detach().to(torch.float64)
+    if lam is None:
+        lam64 = torch.full((T,), 1.0 / T, dtype=torch.float64, device=M.device)
+    else:
+        if lam.shape != (T,):
+            raise ValueError(f"lam must have shape [{T}] for {_METHOD}, got {tuple(lam.shape)}.")
+        lam64 = lam.detach().to(device=M.device, dtype=torch.float64)
+    return project_onto_simplex(lam64 - gamma * (M64 @ lam64 + rho * lam64))
+
+
+def modo_direction(
+    parts: Tensor, lam: Tensor | None, *, gamma: float = 0.1, rho: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """MoDo's step from the Jacobians ``[3, T, P]`` of three independent samples: ``λ⁺`` from parts 0 and 1
+    (:func:`modo_weights` on ``J₀J₁ᵀ``), then the shared direction ``d = J₂ᵀλ⁺`` of part 2.
+
+    Returns:
+        ``(d [P]`` in the dtype of ``parts``, ``λ⁺ [T]`` float64``)``.
+    """
+    _check_parts(parts, _METHOD)
+    new = modo_weights(cross_gramian(parts[0], parts[1]), lam, gamma=gamma, rho=rho)
+    return new.to(parts.dtype) @ parts[2], new

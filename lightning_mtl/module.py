@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -28,6 +28,7 @@ from lightning_mtl.evaluation import (
     log_task_metrics,
     num_eval_dataloaders,
 )
+from lightning_mtl.gradients.sharing import Sharing, describe_unreached, find_sharing
 from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
 from lightning_mtl.schedulers import (
@@ -38,6 +39,9 @@ from lightning_mtl.schedulers import (
 from lightning_mtl.step import StepContext, reduce_mean
 from lightning_mtl.strategies.base import MTLStrategy, check_single_strategy
 from lightning_mtl.task import Task, build_tasks
+
+if TYPE_CHECKING:
+    from lightning_mtl.nn.base import MultiTaskArchitecture
 
 __all__ = ["MultiTaskModule", "NonFinitePolicy"]
 
@@ -99,6 +103,9 @@ class MultiTaskModule(pl.LightningModule):
         self._shared_representation: Tensor | None = None  # set by shared_representation() in training
         # (batch, batch_idx, rank-averaged losses) of a window's last micro-batch, for on_post_step_losses
         self._post_step_input: tuple[Any, int, Tensor] | None = None
+        self._sharing: Sharing | None = (
+            None  # the shared parameters found on the first training step of a fit
+        )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,13 +122,49 @@ class MultiTaskModule(pl.LightningModule):
         ``(losses, outputs)`` with ``outputs = {task: (preds, target)}`` for those tasks; the module updates
         the stage's metrics with ``metric.update(preds.detach(), target)`` and logs ``<stage>/<task>/<metric>``
         once per epoch.
+
+        With a strategy that takes independent gradient samples (``batch_parts = k``: MoDo, SDMGrad) it is called
+        ``k`` times per training step, once per disjoint part of the batch
+        (:func:`~lightning_mtl.batch_parts.split_batch`); return per-sample means, as usual.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement task_losses(batch, batch_idx).")
 
     def shared_parameters(self) -> Iterable[torch.nn.Parameter] | None:
-        """The parameters every task shares (the encoder). Gradient-based strategies need it; ``None`` means
-        not declared."""
-        return None
+        """The parameters the tasks share (the encoder), whose per-task gradients the gradient-based strategies
+        balance. Override it to declare them yourself.
+
+        By default: the :attr:`architecture`'s shared parameters when the module holds one
+        (:mod:`lightning_mtl.nn`), else the set **found automatically** on the first training step of each fit
+        — the trainable parameters that the graphs of two or more task losses reach, read from that step's
+        autograd graph (no extra backward) and logged once; parameters reached by no task are warned about.
+        ``None`` before that step.
+        """
+        architecture = self.architecture
+        if architecture is not None:
+            return architecture.shared_parameters()
+        return None if self._sharing is None else self._sharing.shared_parameters
+
+    @property
+    def architecture(self) -> MultiTaskArchitecture | None:
+        """The :class:`~lightning_mtl.nn.MultiTaskArchitecture` this module holds (the outermost one, when there is
+        exactly one), else ``None``. It provides :meth:`shared_parameters` and marks the shared representation."""
+        if "_architecture" not in self.__dict__:
+            from lightning_mtl.nn.base import MultiTaskArchitecture
+
+            found: list[MultiTaskArchitecture] = []
+            for module in self.modules():
+                if isinstance(module, MultiTaskArchitecture) and not any(
+                    module in set(outer.modules()) for outer in found
+                ):
+                    found.append(module)
+            self.__dict__["_architecture"] = found[0] if len(found) == 1 else None
+        return self.__dict__["_architecture"]
+
+    @property
+    def finds_shared_parameters(self) -> bool:
+        """``True`` when :meth:`shared_parameters` is neither overridden nor given by an :attr:`architecture`: the
+        module finds the shared parameters on the first training step of each fit."""
+        return type(self).shared_parameters is MultiTaskModule.shared_parameters and self.architecture is None
 
     # --- shared representation (gradient strategies' mode="representation") ---------------------------
     def shared_representation(self, z: Tensor) -> Tensor:
@@ -190,6 +233,9 @@ class MultiTaskModule(pl.LightningModule):
         if self._trainer is not None:
             check_single_strategy(self._trainer)
             self._check_fit_configuration()
+        self.__dict__.pop("_architecture", None)  # looked up again (the model may have changed since)
+        if stage == "fit":
+            self._sharing = None  # found again on this fit's first training step
 
     def _check_fit_configuration(self) -> None:
         if self._trainer is not None and self._trainer.state.fn == "fit":
@@ -216,8 +262,7 @@ class MultiTaskModule(pl.LightningModule):
         if strategy.batch_parts > 1:  # independent gradient samples (MoDo, SDMGrad)
             stacked, part_losses, sizes, outputs_list = self._part_losses(strategy, batch, batch_idx)
         else:
-            losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
-            stacked = self._stack_losses(losses, "training", training=True)
+            stacked, outputs = self._training_losses(batch, batch_idx)
             outputs_list = [outputs]
         detached = stacked.detach()
         global_losses = reduce_mean(trainer, detached)
@@ -265,12 +310,46 @@ class MultiTaskModule(pl.LightningModule):
         part_losses, outputs_list = [], []
         for piece in pieces:
             self._shared_representation = None
-            losses, outputs = split_task_output(self.task_losses(piece, batch_idx))
-            part_losses.append(self._stack_losses(losses, "training", training=True))
+            losses, outputs = self._training_losses(piece, batch_idx)
+            part_losses.append(losses)
             outputs_list.append(outputs)
         n = sum(sizes)
         stacked = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
         return stacked, part_losses, sizes, outputs_list
+
+    def _training_losses(self, batch: Any, batch_idx: int) -> tuple[Tensor, Any]:
+        """``task_losses`` in training, with the architecture's representation marker installed: the stacked
+        losses ``[T]`` and the metric outputs. Finds the shared parameters on the first call of a fit when the
+        module does not declare them (:meth:`shared_parameters`)."""
+        architecture = self.architecture
+        marks = architecture is not None and architecture.representation_unsupported is None
+        if marks:
+            architecture.set_representation_marker(self.shared_representation)
+        try:
+            losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
+        finally:
+            if marks:
+                architecture.set_representation_marker(None)
+        stacked = self._stack_losses(losses, "training", training=True)
+        if self._sharing is None and self.finds_shared_parameters:
+            self._find_sharing(losses)
+        return stacked, outputs
+
+    def _find_sharing(self, losses: Mapping[str, Tensor]) -> None:
+        sharing = find_sharing(self, losses)
+        self._sharing = sharing
+        name = type(self).__name__
+        if sharing.shared:
+            rank_zero_info(
+                f"{name}: shared parameters found from the first training step's graph: {sharing.summary()}."
+            )
+        else:
+            rank_zero_info(
+                f"{name}: no parameter is reached by two or more task losses: the tasks share nothing."
+            )
+        message = describe_unreached(name, sharing)
+        if message is not None:
+            rank_zero_warn(message, category=RuntimeWarning)
 
     def _optimizer_list(self) -> list[Any]:
         opts = self.optimizers()

@@ -155,7 +155,9 @@ class SharedGradientProbe(Callback):
         self.task_names = tuple(pl_module.task_names)
         if trainer.global_step == 0:
             self.reset()
-        self._params = shared_parameters_of(pl_module, name)
+        # a module that finds its shared parameters does so on its first training step (before on_task_losses)
+        automatic = getattr(pl_module, "finds_shared_parameters", False)
+        self._params = None if automatic else shared_parameters_of(pl_module, name)
         self._gradients = TaskGradients(name)
 
     def on_task_losses(
@@ -168,6 +170,10 @@ class SharedGradientProbe(Callback):
         ctx: StepContext,
     ) -> None:
         """Called by :class:`~lightning_mtl.MultiTaskModule` with the step's losses, before the backward."""
+        if self._params is None:
+            from lightning_mtl.gradients import shared_parameters_of
+
+            self._params = shared_parameters_of(pl_module, type(self).__name__)
         if is_measured_step(trainer, ctx, self.every_n_steps):
             self.measure(trainer, pl_module, batch, batch_idx, ctx)
 

@@ -75,6 +75,14 @@ def marked_representation(module: nn.Module, owner: str, fix: str | None = None)
     z = getattr(module, "marked_representation", None)
     advice = fix if fix is not None else "or use mode='parameters'"
     if z is None:
+        architecture = getattr(module, "architecture", None)
+        reason = getattr(architecture, "representation_unsupported", None)
+        if reason:
+            raise RuntimeError(
+                f"{owner} needs one shared representation that every task head consumes, but "
+                f"{type(architecture).__name__} has none: {reason} Its shared parameters are known: "
+                f"{advice.removeprefix('or ')}."
+            )
         raise RuntimeError(
             f"{owner} needs the shared representation, but {type(module).__name__}.task_losses did not mark one "
             "in this training step. Pass the shared features through `z = self.shared_representation(z)` "

@@ -151,7 +151,11 @@ class GradientWeighting(MTLStrategy):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.mode == "parameters":
+        if (
+            stage == "fit"
+            and self.mode == "parameters"
+            and not getattr(pl_module, "finds_shared_parameters", False)
+        ):
             shared_parameters_of(pl_module, type(self).__name__)  # fail before training if none declared
         if self.random:
             _ = self.generator

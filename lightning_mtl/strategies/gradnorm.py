@@ -133,8 +133,9 @@ class GradNorm(MTLStrategy):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._layer_params = self.resolve_layer(pl_module)
+        if stage == "fit":  # found on the first step when the module finds its shared parameters then
+            automatic = self.layer is None and getattr(pl_module, "finds_shared_parameters", False)
+            self._layer_params = None if automatic else self.resolve_layer(pl_module)
 
     def resolve_layer(self, module: nn.Module) -> list[nn.Parameter]:
         """The parameters of the last shared layer ``W`` for ``module`` (see ``layer``)."""

@@ -77,9 +77,10 @@ class _BatchKPI:
     :class:`~lightning_mtl.metrics.TaskMetrics`) before it calls the strategy; no forward value is kept. So at
     ``on_train_batch_start`` the KPI metric's state is copied, and in the strategy's ``backward`` a private
     clone (the *probe*) receives the difference ``state after − state before`` (new list entries for ``cat``
-    states) and is computed, with torchmetrics' synchronisation forced on: under DDP the summed (or
-    concatenated) per-rank differences are the state of the union of the ranks' batches, so the KPI equals the
-    single-process value on that union batch, on every rank.
+    states) and is computed. Under DDP the per-rank differences are summed (one all-reduce for all tasks'
+    summed states) or concatenated (torchmetrics' own gather, forced on, for a metric with list states): that is
+    the state of the union of the ranks' batches, so the KPI equals the single-process value on that union
+    batch, on every rank.
     """
 
     def __init__(self, tasks: Sequence[str], metric_names: Sequence[str]) -> None:
@@ -124,21 +125,46 @@ class _BatchKPI:
         metrics = self._metrics(module)
         if self._probes is None:
             self._probes = [metric.clone() for metric in metrics]
-        values = []
+        summed: list[
+            tuple[Metric, str, Tensor]
+        ] = []  # (probe's metric, state, batch part) to all-reduce by hand
         for metric, probe, before in zip(metrics, self._probes, self._before):
+            has_list = any(isinstance(old, int) for saved in before for old in saved.values())
             for source, target, saved in zip(_metric_states(metric), _metric_states(probe), before):
                 for state, old in saved.items():
                     new = getattr(source, state)
                     if isinstance(new, Tensor):
-                        setattr(target, state, new.detach() - old.to(new.device))
+                        delta = new.detach() - old.to(new.device)
+                        setattr(target, state, delta)
+                        if not has_list:
+                            summed.append((target, state, delta))
                     else:
                         setattr(target, state, list(new[old:]))
                 target._update_count = 1
                 target._computed = None
-                target._to_sync = True  # the union batch under DDP, whatever the metric's sync_on_compute
-            values.append(probe.compute())
+                # summed states only: reduced below, in one all-reduce for all tasks; with concatenated states,
+                # torchmetrics gathers them at compute (forced on, whatever the metric's sync_on_compute)
+                target._to_sync = has_list
+        self._all_reduce(module, summed)
+        values = [probe.compute() for probe in self._probes]
         self._before = None
         return self._as_vector(values)
+
+    @staticmethod
+    def _all_reduce(module: pl.LightningModule, summed: list[tuple[Metric, str, Tensor]]) -> None:
+        """Sum the batch parts of the summed states over ranks, in one all-reduce (float64: counts stay exact
+        below 2⁵³); no-op on one process."""
+        trainer = module.trainer
+        if not summed or trainer.world_size <= 1:
+            return
+        device = summed[0][2].device
+        flat = torch.cat([delta.reshape(-1).to(device, torch.float64) for _, _, delta in summed])
+        flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        offset = 0
+        for target, state, delta in summed:
+            part = flat[offset : offset + delta.numel()].reshape(delta.shape)
+            setattr(target, state, part.to(delta.device, delta.dtype))
+            offset += delta.numel()
 
     def _as_vector(self, values: list[Any]) -> Tensor:
         out = []
@@ -178,9 +204,10 @@ class DTP(LossWeighting):
       module updates its train metrics with the batch first, and DTP computes the metric on the part of its
       state that the batch added. This needs metric states that are summed or concatenated (torchmetrics'
       classification metrics are); a metric that keeps running means (e.g. ``PearsonCorrCoef``) is refused at
-      setup. Under DDP that state part is synchronised (torchmetrics' own reduction, forced on), so the KPI is
-      the single-process value on the union of the ranks' batches and identical on every rank: 2 ranks × B
-      equal 1 process × 2B. The extra cost per step is one ``compute`` (and its synchronisation) per task.
+      setup. Under DDP the batch parts are summed over ranks in one all-reduce per step (a metric with
+      concatenated states, e.g. ``BinaryAUROC``, is gathered by torchmetrics), so the KPI is the
+      single-process value on the union of the ranks' batches and identical on every rank: 2 ranks × B equal
+      1 process × 2B. The extra cost per step is one metric ``compute`` per task (and that all-reduce).
     - A KPI outside ``[0, 1]`` (beyond a 1e-6 rounding tolerance) is an error naming the task, the metric and
       the value; a KPI that is NaN on a batch (undefined there) leaves that task's average unchanged.
     - A lower-is-better metric (MAE, an error rate) is not a KPI: map it into a higher-is-better score in

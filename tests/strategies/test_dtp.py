@@ -15,11 +15,13 @@ from torch.utils.data import TensorDataset
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
+    BinaryAUROC,
     BinaryHammingDistance,
     MulticlassAccuracy,
     MulticlassPrecision,
     MulticlassRecall,
 )
+from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.regression import MeanAbsoluteError, PearsonCorrCoef
 
 from lightning_mtl import MultiTaskModule, Task
@@ -62,6 +64,7 @@ class KPINet(MultiTaskModule):
         self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 3)})
         self.lr, self.optimizer_name = lr, optimizer
         self.batch_kpi: list[list[float]] = []
+        self.batch_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def task_losses(self, batch, batch_idx):
         x, y = batch
@@ -73,6 +76,7 @@ class KPINet(MultiTaskModule):
             acc_a = float(((pa > 0).long() == ya).float().mean())
             acc_b = float((pb.argmax(1) == yb).float().mean())
             self.batch_kpi.append([acc_a, acc_b])
+            self.batch_outputs.append((pa.detach().sigmoid(), ya))
         losses = {
             "a": nn.functional.binary_cross_entropy_with_logits(pa.float(), ya.float()),
             "b": nn.functional.cross_entropy(pb.float(), yb),
@@ -256,6 +260,16 @@ def test_kpi_is_the_metric_on_the_batch_alone():
     for seen, expected in zip(recorder.averages, net.batch_kpi):
         assert [seen["a"], seen["b"]] == pytest.approx(expected, abs=1e-6)
     assert len({tuple(e) for e in net.batch_kpi}) > 1  # the batches differ: a running value would not match
+
+
+def test_kpi_with_concatenated_states_is_the_metric_on_the_batch_alone():
+    net, recorder = KPINet(tasks=auroc_tasks()), KPIRecorder()
+    trainer(max_epochs=1, callbacks=[DTP(alpha=1.0), recorder]).fit(
+        net, loader(make_data(n=48), batch_size=16)
+    )
+    expected = [float(binary_auroc(p, t)) for p, t in net.batch_outputs]
+    assert [r["a"] for r in recorder.averages] == pytest.approx(expected, abs=1e-6)
+    assert len(set(expected)) > 1
 
 
 def test_a_mapped_lower_is_better_metric_is_a_kpi():
@@ -515,10 +529,21 @@ def test_mid_epoch_resume_by_steps(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DDP
+def auroc_tasks() -> list[Task]:
+    """Task a's KPI has concatenated states (gathered by torchmetrics under DDP), b's summed ones (all-reduced)."""
+    tasks = kpi_tasks()
+    tasks[0] = Task("a", kind="classification", metrics={"auroc": BinaryAUROC()})
+    return tasks
+
+
 @pytest.mark.timeout(240)
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     single, rank0, rank1 = ddp_parity_records(
-        tmp_path, lambda: DTP(alpha=0.5), epochs=3, model=lambda: KPINet(lr=0.1), tag="dtp"
+        tmp_path,
+        lambda: DTP(alpha=0.5),
+        epochs=3,
+        model=lambda: KPINet(lr=0.1, tasks=auroc_tasks()),
+        tag="dtp",
     )
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["weights"] == rank1["weights"]

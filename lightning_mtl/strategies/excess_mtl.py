@@ -44,6 +44,8 @@ class ExcessMTL(GradientWeighting):
     * **No ½** in ``eᵢ`` (the authors'): it cancels in ``eᵢ/e⁰ᵢ``.
     * **First step**: the authors' ``first_epoch`` flag means the first call: that step stores ``e⁰`` and
       leaves the weights at 1 (TorchJD with ``n_warmup_steps=1``; its default ``0`` already moves them).
+      No multi-step warm-up: TorchJD reports that the paper's Appendix C.1 collects the statistics over a few
+      epochs first; the authors' code does not, nor does this class.
     * **Log weights**: the update is carried out on ``log w`` (float64) with a log-sum-exp normalisation, so
       a long run saturates the weights instead of overflowing ``exp``.
     * **A zero first gradient** (``e⁰ᵢ = 0``, the task does not reach the shared parameters yet; the
@@ -63,8 +65,9 @@ class ExcessMTL(GradientWeighting):
     ``train/excess_mtl/relative_excess/<task>`` logs ``rᵢ``.
 
     Args:
-        robust_step_size: ``η > 0``, the exponentiated-gradient step (default ``1e-2``, the authors'
-            ``robust_step_size``).
+        robust_step_size: ``η > 0``, the exponentiated-gradient step (default ``1e-2``, the default of the
+            authors' ``--robust_step_size`` in their ``LibMTL/config.py``, as in LibMTL; TorchJD defaults to
+            ``1.0``; the per-benchmark values of the paper were not checked).
         mode: ``"parameters"`` only (the default): the method needs the Jacobian, not only its Gramian, so
             ``"representation"`` is refused.
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
@@ -114,6 +117,13 @@ class ExcessMTL(GradientWeighting):
 
     # ------------------------------------------------------------------ the method
     def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
+        if self._state is not None and tuple(self._state.sq_grad_sum.shape) != tuple(stat.shape):
+            raise ValueError(
+                f"ExcessMTL: the state S has shape {tuple(self._state.sq_grad_sum.shape)} but the Jacobian of the "
+                f"shared parameters has shape {tuple(stat.shape)} (tasks × shared parameters): the checkpoint was "
+                "written for another model or another shared_parameters(). Resume with the model that wrote it, "
+                "or start a new fit without ckpt_path."
+            )
         result = excess_mtl_step(stat, self._state, robust_step_size=self.robust_step_size)
         self._state = result.state
         for name, r in zip(self.task_names, result.relative_excess.float().unbind()):

@@ -64,10 +64,13 @@ def test_hand_computed_two_steps_with_a_2x3_jacobian():
     torch.testing.assert_close(second.excess, _J([1.8, 3.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(second.relative_excess, _J([9 / 35, 1.0]), atol=1e-7, rtol=0)
     u = np.exp(eta * np.array([9 / 35, 1.0]))
-    expected = 2 * u / u.sum()  # (0.8159..., 1.1840...)
+    expected = 2 * u / u.sum()  # (0.81639..., 1.18361...)
     torch.testing.assert_close(second.weights, torch.tensor(expected, dtype=F64), atol=1e-7, rtol=0)
     torch.testing.assert_close(second.state.log_weights, torch.tensor(np.log(expected), dtype=F64))
     assert second.state.baseline.tolist() == first.state.baseline.tolist()  # e⁰ is kept
+    # the default η = 1e-2: w = 2·softmax(0.01·(9/35, 1)) = (0.99628..., 1.00371...)
+    default = excess_mtl_step(_J([[0, 3, 0], [0, 3, 0]]), first.state)
+    torch.testing.assert_close(default.weights, _J([0.99628573, 1.00371427]), atol=1e-8, rtol=0)
 
     # the strategy's compute_weights is the same rule, in float32 on the weights
     s = bound(ExcessMTL(robust_step_size=eta))
@@ -88,7 +91,7 @@ def test_hand_computed_update_in_a_fit():
     trainer(max_steps=2, max_epochs=-1, callbacks=[strategy]).fit(net, dummy_loader(2))
     g1 = np.array([3.2, -5.6])
     S = np.array([4 + 3.2**2, 64 + 5.6**2])
-    r = (g1**2 / np.sqrt(S)) / np.array([2.0, 8.0])  # (0.5... , 0.41...): task t0 is relatively further
+    r = (g1**2 / np.sqrt(S)) / np.array([2.0, 8.0])  # (1.3568, 0.4014): task t0 is relatively further
     u = np.exp(eta * r)
     w = 2 * u / u.sum()
     assert net.theta.item() == pytest.approx(1.6 - 0.1 * float(w @ g1), abs=1e-5)
@@ -317,13 +320,22 @@ def test_accumulation_equals_the_large_batch():
     assert float((s_big.weights_tensor() - 1).abs().max()) > 1e-3
 
 
+class _Recording(ExcessMTL):
+    def on_optimizer_step(self, module, skipped):
+        super().on_optimizer_step(module, skipped)
+        self.history = [*getattr(self, "history", []), (self.sq_grad_sum, self.weights_tensor().clone())]
+
+
 def test_update_every_moves_the_state_only_on_update_steps():
-    s1, s3 = ExcessMTL(robust_step_size=0.5), ExcessMTL(robust_step_size=0.5, update_every=3)
-    trainer(max_steps=7, callbacks=[s1]).fit(ConflictNet(), loader(make_data(n=56), batch_size=8))
-    trainer(max_steps=7, callbacks=[s3]).fit(ConflictNet(), loader(make_data(n=56), batch_size=8))
-    # steps 0, 3, 6 update: S is the sum of three squared Jacobians, not seven
-    assert float(s3.sq_grad_sum.sum()) < float(s1.sq_grad_sum.sum())
-    assert float(s3.weights_tensor().sum()) == pytest.approx(3.0, abs=1e-5)
+    strategy = _Recording(robust_step_size=0.5, update_every=3)
+    trainer(max_steps=7, callbacks=[strategy]).fit(ConflictNet(), loader(make_data(n=56), batch_size=8))
+    S, w = zip(*strategy.history)
+    # steps 0, 3 and 6 update S and the weights; steps 1, 2, 4, 5 take no per-task gradient and reuse both
+    for a, b in ((0, 1), (1, 2), (3, 4), (4, 5)):
+        assert S[a] is S[b] and torch.equal(w[a], w[b])
+    for a, b in ((2, 3), (5, 6)):
+        assert not torch.equal(S[a], S[b]) and not torch.equal(w[a], w[b])
+    assert float(w[-1].sum()) == pytest.approx(3.0, abs=1e-5)
 
 
 def _fp16(init_scale: float = 2.0**10) -> MixedPrecision:
@@ -383,6 +395,15 @@ def test_resume_with_another_step_size_is_refused():
     s.compute_weights(torch.ones(3, 4), torch.ones(3))
     with pytest.raises(ValueError, match=r"robust_step_size: saved 0\.5, current 0\.01"):
         bound(ExcessMTL(), "abc").load_state_dict(s.state_dict())
+
+
+def test_a_state_for_other_shared_parameters_is_a_clear_error():
+    s = bound(ExcessMTL(), "ab")
+    s.load_method_state(
+        {"sq_grad_sum": torch.ones(2, 3), "baseline": torch.ones(2), "log_weights": torch.zeros(2)}
+    )
+    with pytest.raises(ValueError, match=r"S has shape \(2, 3\).*shape \(2, 5\).*another model"):
+        s.compute_weights(torch.ones(2, 5), torch.ones(2))
 
 
 def test_load_renormalises_the_log_weights_and_resets():
@@ -454,6 +475,22 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     ss = single["state"]["state"]["method"]
     torch.testing.assert_close(s0["sq_grad_sum"], ss["sq_grad_sum"], atol=1e-5, rtol=1e-5)
     assert any(abs(w - 1) > 1e-3 for w in single["weights"].values())
+
+
+@pytest.mark.timeout(240)
+def test_local_sync_keeps_every_rank_identical(tmp_path):
+    """sync="local": each rank updates S, e⁰ and log w from its own gradients and the base averages them over
+    ranks (log w renormalised): an approximation of the exact run, but the ranks never drift apart."""
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path, lambda: ExcessMTL(robust_step_size=0.5, sync="local"), epochs=2, tag="excess-local"
+    )
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["weights"] == rank1["weights"]
+    s0, s1 = rank0["state"]["state"]["method"], rank1["state"]["state"]["method"]
+    assert all(torch.equal(s0[k], s1[k]) for k in ("sq_grad_sum", "baseline", "log_weights"))
+    assert sum(rank0["weights"].values()) == pytest.approx(3.0, abs=1e-5)
+    assert float(s0["log_weights"].exp().sum()) == pytest.approx(3.0, abs=1e-9)
+    assert any(abs(w - 1) > 1e-3 for w in rank0["weights"].values())
 
 
 # ------------------------------------------------------------------------------------------ errors

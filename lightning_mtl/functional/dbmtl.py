@@ -36,10 +36,10 @@ class DBMTLResult(NamedTuple):
     direction: Tensor
     """``[P]`` the shared update ``Σᵢ αᵢĝᵢ``, in ``J``'s dtype and on its device."""
     scales: Tensor
-    """``[T]`` the gradient-magnitude scale factors ``αᵢ = max‖ĝⱼ‖/(‖ĝᵢ‖ + ε)`` (float32, ``J``'s device;
+    """``[T]`` the gradient-magnitude scale factors ``αᵢ = max‖ĝⱼ‖/(‖ĝᵢ‖ + ε)`` (``J``'s dtype and device;
     ``αᵢ ≈ 1`` for the task with the largest ``‖ĝ‖``)."""
     norms: Tensor
-    """``[T]`` ``‖ĝᵢ‖`` (float32, ``J``'s device)."""
+    """``[T]`` ``‖ĝᵢ‖`` (``J``'s dtype and device)."""
     state: DBMTLState
     """The updated state, to pass back at the next step."""
 
@@ -140,7 +140,7 @@ def dbmtl_step(
             )
         ema, k = state.ema.to(G), int(state.step) + 1
     ema = G + (beta / k**beta_sigma) * (ema - G)
-    norms = torch.linalg.vector_norm(ema.float(), dim=1)
+    norms = torch.linalg.vector_norm(ema, dim=1)
     scales = norms.max() / (norms + NORM_EPS)
-    direction = scales.to(ema) @ ema
+    direction = scales @ ema
     return DBMTLResult(direction, scales, norms, DBMTLState(ema, k))

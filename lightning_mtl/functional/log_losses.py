@@ -1,9 +1,9 @@
 """Pure math of the log-loss objectives: LogSE and the scale-invariant ``Σ log Lᵢ`` (no Lightning, no state).
 
 Both take the task losses as a 1-D tensor ``[T]`` (task order of the module) and add a shift ``ε ≥ 0``
-inside the log: ``log(Lᵢ + ε)``. They reuse :func:`~lightning_mtl.functional.slaw_stch.log_loss` and
-:func:`~lightning_mtl.functional.slaw_stch.log_loss_weights` (STCH's warm-up objective), so the three stay
-one formula.
+inside the log: ``log(Lᵢ + ε)``. The objectives reuse :func:`~lightning_mtl.functional.slaw_stch.log_loss`
+(STCH's warm-up objective, ``Σ log Lᵢ``); the weights equal its ``log_loss_weights`` (``1/Lᵢ``) of the
+shifted losses (the tests check both against STCH's functions and autograd).
 
 Relation to uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018, eqs. 7 and 10), in this library's
 convention ``Σᵢ cᵢe^{−sᵢ}Lᵢ + ½sᵢ`` with ``sᵢ = log σᵢ²`` and ``cᵢ = ½`` (regression) or ``1``
@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_mtl.functional.slaw_stch import _check_losses, log_loss, log_loss_weights
+from lightning_mtl.functional.slaw_stch import _check_losses, log_loss
 
 #: LogSE's factor: ½·Σ log Lᵢ is the profile of the Gaussian (regression) uncertainty loss, see the module doc.
 LOGSE_SCALE = 0.5
@@ -55,20 +55,21 @@ def scale_invariant_loss(losses: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def scale_invariant_weights(losses: Tensor, eps: float = 1e-8) -> Tensor:
-    """Effective weights of :func:`scale_invariant_loss`: ``∂/∂Lᵢ = 1/(Lᵢ + ε)``."""
-    return log_loss_weights(_shifted(losses, eps))
+    """Effective weights of :func:`scale_invariant_loss`: ``∂/∂Lᵢ = 1/(Lᵢ + ε)`` (``log_loss_weights`` of the
+    shifted losses, as one ``reciprocal`` kernel: a Python-scalar division costs several)."""
+    return _shifted(losses, eps).reciprocal()
 
 
 def logse_loss(losses: Tensor, eps: float = 0.0) -> Tensor:
     """``½·Σᵢ log(Lᵢ + ε)``: uncertainty weighting's objective minimised over its log-variances (module doc).
     Differentiable in ``losses``; ``Lᵢ + ε`` must be > 0 (not checked here)."""
-    return LOGSE_SCALE * log_loss(_shifted(losses, eps))
+    return log_loss(_shifted(losses, eps)).mul(LOGSE_SCALE)
 
 
 def logse_weights(losses: Tensor, eps: float = 0.0) -> Tensor:
     """Effective weights of :func:`logse_loss`: ``1/(2(Lᵢ + ε))`` — uncertainty weighting's weights at its
     optimum ``sᵢ* = log(2cᵢLᵢ)``."""
-    return LOGSE_SCALE * log_loss_weights(_shifted(losses, eps))
+    return _shifted(losses, eps).reciprocal().mul_(LOGSE_SCALE)
 
 
 def uncertainty_optimal_log_variances(losses: Tensor, factors: Tensor | float = 0.5) -> Tensor:

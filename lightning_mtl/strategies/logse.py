@@ -56,22 +56,24 @@ class _LogLossWeighting(LossWeighting):
             self._queue(losses)
             weights = self._weights_fn(losses, self.eps)
             # a non-positive Lᵢ + ε gives its task weight 0 for this step; the error follows at the next check
-            return torch.where(losses + self.eps > 0, weights, torch.zeros_like(weights))
-        self._raise_if_bad(losses.detach().cpu(), self._where)
+            return torch.where(losses > -self.eps, weights, torch.zeros_like(weights))
+        # a CPU tensor (or, elsewhere, one synchronisation): a Python list is the cheapest check for T scalars
+        self._raise_if_bad(losses.detach().tolist(), self._where)
         return self._weights_fn(losses, self.eps)
 
     def objective(self, losses: Tensor) -> Tensor:
-        # logged as train/loss every step: clamp instead of checking (a bad loss raises in compute_weights)
-        shifted = (losses + self.eps).clamp_min(torch.finfo(losses.dtype).tiny)
-        return self._loss_fn(shifted, 0.0)
+        # logged as train/loss every step, unchecked: a bad loss raises in compute_weights (on CUDA one step
+        # later, after a NaN/-inf train/loss)
+        return self._loss_fn(losses, self.eps)
 
     # -------------------------------------------------------------------------------- the positivity check
-    def _raise_if_bad(self, host: Tensor, where: tuple[int, int] | None, deferred: bool = False) -> None:
-        if bool((host + self.eps > 0).all()):
+    def _raise_if_bad(
+        self, values: list[float], where: tuple[int, int] | None, deferred: bool = False
+    ) -> None:
+        eps = self.eps
+        if all(v > -eps for v in values):  # False for NaN too
             return
-        bad = {
-            n: float(v) for n, v in zip(self.task_names, host.tolist()) if not (v + self.eps > 0 and v == v)
-        }
+        bad = {n: v for n, v in zip(self.task_names, values) if not v > -eps}
         at = "" if where is None else f" at training batch {where[1]} of epoch {where[0]}"
         late = (
             " (checked one step later on CUDA to avoid a host synchronisation; that step gave these tasks "
@@ -108,7 +110,7 @@ class _LogLossWeighting(LossWeighting):
             self._pending_event.synchronize()  # already complete: the module synchronised the stream since
         where = self._pending_where if self._pending_where != (-1, -1) else None
         self._pending_where, self._pending_event = None, None
-        self._raise_if_bad(self._pending_host, where, deferred=True)
+        self._raise_if_bad(self._pending_host.tolist(), where, deferred=True)
 
     @override
     def on_train_batch_start(

@@ -42,8 +42,13 @@ def project_onto_simplex(v: Tensor) -> Tensor:
 
 
 def cross_gramian(J1: Tensor, J2: Tensor) -> Tensor:
-    """``J₁J₂ᵀ`` ``[T, T]`` in float64 (on the device of ``J₁``) from two Jacobians ``[T, P]`` of independent
-    samples: an unbiased estimate of the Gramian ``E[J]E[J]ᵀ``, not symmetric nor PSD in general."""
+    """``J₁J₂ᵀ`` ``[T, T]`` as float64 (on the device of ``J₁``) from two Jacobians ``[T, P]`` of independent
+    samples: an unbiased estimate of the Gramian ``E[J]E[J]ᵀ``, not symmetric nor PSD in general.
+
+    Accumulated in float32 for float32 (or half-precision) Jacobians, as
+    :func:`~lightning_mtl.functional.gramian` does for in-range ones (no ``P``-sized float64 copy), and in
+    float64 when either is float64.
+    """
     for name, J in (("J1", J1), ("J2", J2)):
         if not isinstance(J, Tensor) or J.ndim != 2 or not J.is_floating_point():
             shape = tuple(J.shape) if isinstance(J, Tensor) else type(J).__name__
@@ -53,7 +58,10 @@ def cross_gramian(J1: Tensor, J2: Tensor) -> Tensor:
             f"J1 and J2 must be Jacobians of the same tasks and parameters, got shapes {tuple(J1.shape)} and "
             f"{tuple(J2.shape)}."
         )
-    return J1.detach().to(torch.float64) @ J2.detach().to(device=J1.device, dtype=torch.float64).T
+    A, B = J1.detach(), J2.detach().to(J1.device)
+    if torch.float64 in (A.dtype, B.dtype):
+        return A.to(torch.float64) @ B.to(torch.float64).T
+    return (A.float() @ B.float().T).to(torch.float64)
 
 
 def _check_number(value: float, name: str, *, positive: bool) -> float:

@@ -25,10 +25,11 @@ class MoDo(GradientDirection):
 
         λ ← Π_Δ(λ − γ(J₁J₂ᵀλ + ρλ))        d = J₃ᵀλ
 
-    (the update of the paper's MoDo algorithm with three samples, as in the authors' code
-    heshandevaka/Trade-Off-MOL and LibMTL's ``MoDo.py``; ``ρλ`` is the gradient of the regulariser ``½ρ‖λ‖²``
-    of that code, ``ρ = 0`` the paper's plain update; the paper's equation numbers were not checked against
-    its text). ``λ`` starts at ``1/T`` and is kept across steps.
+    (the three-sample MoDo update as implemented by the authors, heshandevaka/Trade-Off-MOL, and by LibMTL's
+    ``MoDo.py``; TorchJD's ``MoDoWeighting`` cites it as equations (2.9) of the JMLR version. ``ρλ`` is the
+    gradient of the regulariser ``½ρ‖λ‖²`` of that code; ``ρ = 0`` is the plain double-sampling step. The
+    paper's full text was not available here: its equation numbers are not quoted from it.) ``λ`` starts
+    at ``1/T`` and is kept across steps.
 
     **Independent samples from the batch.** The three samples are three disjoint contiguous slices of each
     training batch along dim 0 (``batch_parts = 3``, :func:`~lightning_mtl.batch_parts.split_batch`: tensors

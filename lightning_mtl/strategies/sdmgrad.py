@@ -21,8 +21,9 @@ class SDMGrad(GradientDirection):
     The direction-oriented problem keeps the common descent direction near the mean gradient ``g₀``: its
     weights are ``w* = argmin_{w∈Δ} ½‖Jᵀw + λg₀‖²`` and the direction ``d = (Jᵀw* + λg₀)/(1 + λ)`` (``λ = 0``
     is MGDA's min-norm point, ``λ → ∞`` gradient descent on the mean loss). The stochastic algorithm (SDMGrad,
-    the paper's Algorithm 1, as implemented in the authors' code OptMN-Lab/sdmgrad and LibMTL's
-    ``SDMGrad.py``; equation numbers not checked against the paper's text) takes three independent samples
+    as implemented in the authors' code OptMN-Lab/sdmgrad, ``methods/weight_methods.py``, and LibMTL's
+    ``SDMGrad.py``; the paper's full text was not available here, so its equation and algorithm numbers are
+    not quoted from it) takes three independent samples
     ``ξ``, ``ξ′``, ``ζ``: ``n_iter`` steps of projected SGD with momentum on ``w`` with the unbiased
     gradient ``J_ξ(J_ξ′ᵀw + λḡ_ξ′)``, warm-started from the previous step's ``w``, then::
 
@@ -47,11 +48,13 @@ class SDMGrad(GradientDirection):
     :class:`MGDA`; LibMTL does the same, the authors' code multiplies ``d`` by ``T`` "to match the sum loss")
     and are logged as the task weights; ``w`` itself is :attr:`inner_weights`. The task-specific parameters
     get the plain gradient ``∇ΣLᵢ`` of the whole batch (the mean over the three parts); LibMTL and the
-    authors' code back-propagate all three batches' losses into the heads, i.e. three times this.
+    authors' code back-propagate all three batches' losses into the heads, i.e. three times this. The
+    authors' code also clips the shared gradient's norm to 1; here clipping is the module's
+    (``MultiTaskModule(gradient_clip_val=...)``), off by default.
 
     Args:
         lam: the regularisation ``λ ≥ 0`` (``math.inf`` allowed: the mean gradient); default 0.3 (the authors'
-            experiments and LibMTL; the class default of their code is 0.6).
+            NYUv2 script ``experiments/nyuv2/run.sh`` and LibMTL; the class default of their code is 0.6).
         lr: step size of the inner SGD; default 10 (the authors' code and TorchJD; LibMTL uses 5).
         momentum: momentum of the inner SGD, in ``[0, 1)``; default 0.5 (the authors' code, LibMTL).
         n_iter: inner steps per training step; default 20 (the authors' code, LibMTL).

@@ -138,10 +138,12 @@ class _LogLossWeighting(LossWeighting):
 
 
 class ScaleInvariant(_LogLossWeighting):
-    """Scale-invariant loss ``Σᵢ log(Lᵢ + ε)``: the loss balancing ("logarithm transformation") of DB-MTL,
-    Lin, Jiang, Ye, Zhang, Chen, Chen & Kwok, "Dual-Balancing for Multi-Task Learning" (first version: "A
+    """Scale-invariant loss ``Σᵢ log(Lᵢ + ε)``: the loss-scale balancing ("logarithm transformation" of every
+    task loss) of DB-MTL, Lin et al., "Dual-Balancing for Multi-Task Learning" (first version: "A
     Scale-Invariant Task Balancing Approach for Multi-Task Learning"), arXiv:2308.12029 — here on its own,
-    without DB-MTL's gradient balancing; also STCH's warm-up objective (:class:`STCH`).
+    without DB-MTL's gradient balancing (:class:`DBMTL` has both); also STCH's warm-up objective
+    (:class:`STCH`). The rule and ε are from LibMTL's ``DB_MTL`` code; the paper's equation numbers were not
+    checked.
 
     The update is the gradient of ``Σ log(Lᵢ + ε)``, i.e. ``Σ wᵢ∇Lᵢ`` with the effective weights
     ``wᵢ = 1/(Lᵢ + ε)``, which :attr:`weights` reports (``Σ wᵢLᵢ = T`` for ε = 0: the step has equal
@@ -154,9 +156,12 @@ class ScaleInvariant(_LogLossWeighting):
     as LibMTL's ``DB_MTL`` (``torch.log(losses + 1e-8)``); STCH's warm-up uses ε = 0. No state, no
     hyper-parameter besides ε. The weights come from the rank-averaged losses, so under DDP the update is the
     gradient of the objective at the full-batch losses; under gradient accumulation, as the other
-    loss-based strategies, each micro-batch is weighted by its own losses. Every ``Lᵢ + ε`` must be > 0: an
-    error names the task and the value (on CUDA one step later, without a host synchronisation; see
-    ``_LogLossWeighting``).
+    loss-based strategies, each micro-batch is weighted by its own losses. The objective (logged as
+    ``train/loss``) is negative when the losses are below 1. Cost: equal weighting's plus a few elementwise
+    kernels on T numbers. Every ``Lᵢ + ε`` must be > 0: an error names the task, the value and the batch —
+    on a CUDA device one step later, to avoid a host synchronisation: the losses are copied to pinned memory
+    without blocking and read at the next step (the module's own non-finite check has synchronised by then),
+    at the end of the epoch or fit, or before a checkpoint; that step gives the bad task weight 0.
 
     Args:
         eps: ε >= 0, the shift inside the log (default 1e-8, LibMTL's DB-MTL).
@@ -177,8 +182,8 @@ class LogSE(_LogLossWeighting):
     publisher's page and its JATS XML front matter); its full text, hence its equations and their numbers,
     could not. From those: the loss captures homoscedastic (task-dependent) uncertainty for regression tasks
     "without increasing the complexity of the network", i.e. without the learned variances of uncertainty
-    weighting, and its name is the log of the squared error. This class implements the loss those facts
-    determine, derived here, not read in the paper: uncertainty weighting's regression objective (Kendall,
+    weighting, and its name reads as the log of the squared error (our reading). This class implements the
+    loss those facts point to, derived here, not read in the paper: uncertainty weighting's regression objective (Kendall,
     Gal & Cipolla, CVPR 2018, eq. 7: ``Σ Lᵢ/(2σᵢ²) + log σᵢ`` with ``Lᵢ`` the squared error) minimised over
     the variances in closed form, ``σᵢ² = Lᵢ``, which leaves
 
@@ -199,8 +204,9 @@ class LogSE(_LogLossWeighting):
     returns (the paper: a squared error); nothing restricts it to regression, but the derivation assumes a
     Gaussian likelihood. No state. The weights come from the rank-averaged losses (the update under DDP is
     the gradient at the full-batch losses); under accumulation each micro-batch is weighted by its own
-    losses. Every ``Lᵢ + ε`` must be > 0: an error names the task and the value (on CUDA one step later,
-    without a host synchronisation).
+    losses. The objective can be negative. Cost: equal weighting's plus a few elementwise kernels on T
+    numbers. Every ``Lᵢ + ε`` must be > 0: an error names the task, the value and the batch (on a CUDA
+    device one step later, without a host synchronisation, as :class:`ScaleInvariant`).
 
     Args:
         eps: ε >= 0 inside the log (default 0.0, as the derivation; use e.g. 1e-8 if a loss can reach 0).

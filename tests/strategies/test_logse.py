@@ -380,14 +380,28 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, make):
 def test_cuda_step_has_no_host_synchronisation_and_the_error_is_deferred():
     s = bound(ScaleInvariant(eps=0.0))
     good, bad = torch.tensor([1.0, 2.0], device="cuda"), torch.tensor([1.0, -3.0], device="cuda")
-    s.compute_weights(good)  # allocates the pinned buffer
+    s.compute_weights(good)  # allocates the pinned buffer, queues a check
     torch.cuda.synchronize()
+    s._check_pending()  # (what the next step does first; done here so that only the step itself is watched)
     torch.cuda.set_sync_debug_mode("error")
     try:
         w = s.compute_weights(bad)  # no synchronisation: the bad loss is not seen yet
+        value = s.objective(bad)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert w.device.type == "cuda" and w.cpu().tolist() == [1.0, 0.0]
+    assert math.isnan(value.item())
     torch.cuda.synchronize()
     with pytest.raises(ValueError, match=r"'b': -3\.0.*one step later"):
         s.compute_weights(good)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fit_trains_and_a_bad_loss_raises():
+    net = ScalarNet(lr=0.1)
+    trainer(accelerator="cuda", max_steps=2, callbacks=[LogSE()]).fit(net, dummy_loader(2))
+    assert net.theta.item() == pytest.approx(0.893517, abs=1e-5)
+    with pytest.raises(ValueError, match=r"'t1': -5\.0.*batch 1 of epoch 0.*one step later"):
+        trainer(accelerator="cuda", max_steps=5, callbacks=[ScaleInvariant(eps=0.0)]).fit(
+            _DropsBelowZero(theta=1.0, lr=0.5), dummy_loader(5)
+        )

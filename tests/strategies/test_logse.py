@@ -405,3 +405,40 @@ def test_cuda_fit_trains_and_a_bad_loss_raises():
         trainer(accelerator="cuda", max_steps=5, callbacks=[ScaleInvariant(eps=0.0)]).fit(
             _DropsBelowZero(theta=1.0, lr=0.5), dummy_loader(5)
         )
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _exported(monkeypatch):
+    """The registry reads ``lightning_mtl.strategies.__all__`` (a shared file, edited separately): export the
+    two classes there for the test, as the package will."""
+    from lightning_mtl import strategies
+
+    for cls in (LogSE, ScaleInvariant):
+        monkeypatch.setattr(strategies, cls.__name__, cls, raising=False)
+    names = list(getattr(strategies, "__all__", []))
+    monkeypatch.setattr(
+        strategies, "__all__", names + [n for n in ("LogSE", "ScaleInvariant") if n not in names]
+    )
+
+
+def test_cli_registry_knows_them_by_name(monkeypatch):
+    from lightning_mtl.cli.registry import make_strategy, resolve_strategy
+
+    _exported(monkeypatch)
+    assert resolve_strategy("logse") is LogSE
+    assert resolve_strategy("scale-invariant") is ScaleInvariant
+    assert isinstance(make_strategy("LogSE"), LogSE)
+    assert make_strategy("ScaleInvariant").eps == 1e-8
+
+
+def test_compare_runs_them_by_name(tmp_path, monkeypatch):
+    from lightning_mtl.cli import main
+
+    _exported(monkeypatch)
+    out = tmp_path / "out"
+    main(
+        ["compare", "--strategies", "logse,scaleinvariant", "--dataset", "synthetic", "--epochs", "1"]
+        + ["--baselines", "none", "--out", str(out), "--quiet"]
+    )
+    rows = (out / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["LogSE", "ScaleInvariant"]

@@ -7,7 +7,7 @@ per example) and :func:`dselect_k_regularizer` its auxiliary loss; :class:`DSele
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lightning_mtl.nn.base import MultiTaskArchitecture
 from lightning_mtl.nn.experts import (
     _MIXTURE_REASON,
+    Experts,
     InputShape,
     Towers,
     _build_experts,
@@ -22,6 +23,7 @@ from lightning_mtl.nn.experts import (
     _default_expert,
     _flat_size,
     _input_shape,
+    _is_module_sequence,
     _mix,
     _positive_int,
     _widths,
@@ -182,7 +184,7 @@ class DSelectK(MultiTaskArchitecture):
         *,
         k: int,
         num_experts: int | None = None,
-        experts: Sequence[nn.Module] | Callable[[], nn.Module] | None = None,
+        experts: Experts = None,
         expert_hidden: Sequence[int] = (16,),
         expert_out_features: int | None = None,
         towers: Towers = None,
@@ -214,7 +216,7 @@ class DSelectK(MultiTaskArchitecture):
             raise ValueError(f"{name} entropy_reg (λ) must be a finite number >= 0, got {entropy_reg!r}.")
         if not isinstance(per_example, bool):
             raise ValueError(f"{name} per_example must be True or False, got {per_example!r}.")
-        if num_experts is None and not isinstance(experts, Sequence):
+        if num_experts is None and not _is_module_sequence(experts):
             num_experts = 8
         self.experts = _build_experts(name, experts, num_experts, lambda: _default_expert(shape, hidden))
         self.num_experts = len(self.experts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,8 @@ from lightning_mtl.nn.base import MultiTaskArchitecture, default_conv_stack, def
 __all__ = ["CGC", "MMoE", "PLE", "gate_entropy"]
 
 InputShape = int | Sequence[int]
-Towers = Mapping[str, nn.Module] | Callable[[str], nn.Module] | None
+Towers = Mapping[str, nn.Module] | nn.ModuleDict | Callable[[str], nn.Module] | None
+Experts = Sequence[nn.Module] | nn.ModuleList | Callable[[], nn.Module] | None
 
 _MIXTURE_REASON = (
     "{name} has no single shared representation: every task's tower reads its own gated mixture of the "
@@ -35,6 +36,11 @@ def gate_entropy(weights: Tensor) -> Tensor:
     0 for a gate that picks one expert (collapse). Works on the tensors of an architecture's ``last_gates``."""
     w = weights.clamp_min(0)
     return -(w * torch.log(w.clamp_min(1e-12))).sum(-1).mean()
+
+
+def _is_module_sequence(value: object) -> bool:
+    """A list / tuple / ``nn.ModuleList`` of modules (not a string, not a factory)."""
+    return isinstance(value, nn.ModuleList) or (isinstance(value, Sequence) and not isinstance(value, str))
 
 
 def _positive_int(owner: str, name: str, value: object, *, minimum: int = 1) -> int:
@@ -118,7 +124,7 @@ def _build_towers(
             last = hidden[-1] if hidden else in_features
             built[t] = nn.Sequential(nn.Flatten(), *mlp, nn.Linear(last, widths[t]))
         return nn.ModuleDict(built)
-    if isinstance(towers, Mapping):
+    if isinstance(towers, (Mapping, nn.ModuleDict)):
         missing = [t for t in tasks if t not in towers]
         extra = [t for t in towers if t not in tasks]
         if missing or extra:
@@ -146,7 +152,7 @@ def _build_towers(
 
 def _build_experts(
     owner: str,
-    experts: Sequence[nn.Module] | Callable[[], nn.Module] | None,
+    experts: Experts,
     num_experts: int | None,
     default: Callable[[], nn.Module],
 ) -> nn.ModuleList:
@@ -157,8 +163,8 @@ def _build_experts(
         n = _positive_int(owner, "num_experts", num_experts)
         factory = default if experts is None else experts
         built = [factory() for _ in range(n)]
-    elif isinstance(experts, Sequence) and not isinstance(experts, str):
-        built = list(experts)
+    elif _is_module_sequence(experts):
+        built = list(experts)  # type: ignore[arg-type]
         if num_experts is not None and num_experts != len(built):
             raise ValueError(
                 f"{owner} got {len(built)} expert modules but num_experts={num_experts!r}; pass one or the other."
@@ -263,7 +269,7 @@ class MMoE(MultiTaskArchitecture):
         input_shape: InputShape,
         *,
         num_experts: int | None = None,
-        experts: Sequence[nn.Module] | Callable[[], nn.Module] | None = None,
+        experts: Experts = None,
         expert_hidden: Sequence[int] = (16,),
         expert_out_features: int | None = None,
         towers: Towers = None,
@@ -274,7 +280,7 @@ class MMoE(MultiTaskArchitecture):
         name = type(self).__name__
         shape = _input_shape(name, input_shape)
         hidden = _widths(name, "expert_hidden", expert_hidden)
-        if num_experts is None and not isinstance(experts, Sequence):
+        if num_experts is None and not _is_module_sequence(experts):
             num_experts = 8  # the paper's count
         self.experts = _build_experts(name, experts, num_experts, lambda: _default_expert(shape, hidden))
         self.num_experts = len(self.experts)
@@ -504,11 +510,6 @@ class PLE(MultiTaskArchitecture):
                 gates[key if j == last else f"level{j}/{key}"] = g
         self.last_gates = gates
         return {t: self.towers[t](task_streams[t]) for t in self.task_names}
-
-    def task_experts(self, task: str) -> Iterator[nn.Module]:
-        """Task ``task``'s experts, every level."""
-        for level in self.levels:
-            yield from level.task_experts[task]
 
 
 def _checked_module(owner: str, module: object) -> nn.Module:

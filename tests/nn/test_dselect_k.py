@@ -276,5 +276,5 @@ def test_trains_with_pcgrad_and_the_auxiliary_loss():
             return sum(v.item() for v in model.task_losses(ds.tensors, 0).values())
 
     before = loss()
-    trainer(max_epochs=8, callbacks=[PCGrad(seed=0)]).fit(model, loader(ds))
+    trainer(max_epochs=3, callbacks=[PCGrad(seed=0)]).fit(model, loader(ds))
     assert loss() < 0.5 * before

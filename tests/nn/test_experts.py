@@ -120,6 +120,14 @@ def test_mmoe_images_and_user_modules():
     # custom experts + default towers: the towers' width comes from expert_out_features
     arch = MMoE(["a", "b"], 5, experts=lambda: nn.Linear(5, 7), num_experts=2, expert_out_features=7)
     assert arch(torch.randn(3, 5))["a"].shape == (3, 1)
+    # nn.ModuleList experts and nn.ModuleDict towers are accepted as they are
+    arch = MMoE(
+        ["a", "b"],
+        5,
+        experts=nn.ModuleList([nn.Linear(5, 3) for _ in range(2)]),
+        towers=nn.ModuleDict({"a": nn.Linear(3, 1), "b": nn.Linear(3, 2)}),
+    )
+    assert arch.num_experts == 2 and arch(torch.randn(3, 5))["b"].shape == (3, 2)
 
 
 def test_construction_is_seed_reproducible():
@@ -329,6 +337,6 @@ def test_trains_with_a_gradient_strategy(make, strategy):
     ds = make_data(n=64)
     model = ArchNet(make())
     before = total_loss(model, ds)
-    trainer(max_epochs=8, callbacks=[strategy]).fit(model, loader(ds))
+    trainer(max_epochs=3, callbacks=[strategy]).fit(model, loader(ds))
     after = total_loss(model, ds)
     assert after < 0.5 * before, (before, after)

@@ -146,9 +146,10 @@ def moco_step(
     """One MoCo update: track the per-task gradients, take one projected step on ``λ``, return ``Yᵀλ``.
 
     Fernando, Shen, Liu, Chaudhury, Murugesan, Chen (2023), *Mitigating Gradient Bias in Multi-objective
-    Learning: A Provably Convergent Approach*, ICLR, https://arxiv.org/abs/2210.12624 (the MoCo update of
-    Section 3; its Algorithm 1). With ``k`` the index of this update (1 at the first) and ``G = J``
-    (optionally normalised, see ``normalize``):
+    Learning: A Provably Convergent Approach*, ICLR, https://arxiv.org/abs/2210.12624 (arXiv v2: "... A Provably
+    Convergent Stochastic Approach"). The paper's equation numbers were not verified here (its text was not
+    reachable); the rule follows LibMTL's and the authors' code. With ``k`` the index of this update (1 at the
+    first) and ``G = J`` (optionally normalised, see ``normalize``):
 
     1. ``Y ← Y − βₖ(Y − G)``, ``βₖ = β/k^σβ`` (the tracking of the true gradients; ``Y₀ = 0``);
     2. ``λ ← Π_Δ(λ − γₖ(YYᵀ + ρI)λ)``, ``γₖ = γ/k^σγ`` (one projected-gradient step on ``½λᵀ(YYᵀ + ρI)λ``,

@@ -303,3 +303,14 @@ def test_state_of_another_shape_is_a_clear_error():
     state = DBMTLState(torch.zeros(2, 4, dtype=F64), 1)
     with pytest.raises(ValueError, match=r"state.ema must have J's shape \(2, 3\), got \(2, 4\)"):
         dbmtl_step(torch.zeros(2, 3, dtype=F64), torch.ones(2, dtype=F64), state)
+
+
+@pytest.mark.timeout(240)
+def test_local_sync_averages_the_state_over_ranks(tmp_path):
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path, lambda: DBMTL(sync="local"), epochs=2, tag="dbmtl-local"
+    )
+    e0, e1 = rank0["state"]["state"]["method"]["ema"], rank1["state"]["state"]["method"]["ema"]
+    torch.testing.assert_close(e0, e1, atol=1e-7, rtol=0)  # Ĝ is averaged after every step
+    torch.testing.assert_close(rank0["params"], rank1["params"], atol=1e-7, rtol=0)
+    assert rank0["state"]["state"]["method"]["step"] == 8

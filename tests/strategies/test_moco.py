@@ -326,3 +326,17 @@ def test_fp16_overflow_skips_the_step_and_leaves_the_state():
     assert plugin.scaler.get_scale() < 2.0**30  # the fp16 gradients overflowed: the scaler skipped the step
     assert torch.equal(flat_params(model), before)
     assert strategy.tracked is None and strategy.updates == 0
+
+
+@pytest.mark.timeout(240)
+def test_local_sync_averages_the_state_over_ranks(tmp_path):
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path, lambda: MoCo(gamma=0.5, sync="local"), epochs=2, tag="moco-local"
+    )
+    s0, s1 = rank0["state"]["state"]["method"], rank1["state"]["state"]["method"]
+    # Y and λ are averaged after every step: identical on both ranks, λ still on the simplex
+    torch.testing.assert_close(s0["tracked"], s1["tracked"], atol=1e-7, rtol=0)
+    torch.testing.assert_close(s0["lambdas"], s1["lambdas"], atol=1e-7, rtol=0)
+    assert float(s0["lambdas"].sum()) == pytest.approx(1.0) and bool((s0["lambdas"] >= 0).all())
+    torch.testing.assert_close(rank0["params"], rank1["params"], atol=1e-7, rtol=0)
+    assert s0["step"] == 8

@@ -173,6 +173,12 @@ class DSelectK(MultiTaskArchitecture):
     Attributes:
         last_gates: ``{task: q}`` of the last forward (detached), ``[B, n]`` or ``[n]`` for static gates.
         aux_losses: ``{task: scalar}`` of the last forward (in the graph).
+
+    Example::
+
+        arch = DSelectK(["ctr", "cvr"], input_shape=32, k=2, num_experts=8)
+        out = arch(torch.randn(5, 32))                  # {"ctr": [5, 1], "cvr": [5, 1]}
+        (arch.last_gates["ctr"] > 0).sum(-1)            # 8 at first; at most k = 2 once the selectors saturate
     """
 
     representation_unsupported = _MIXTURE_REASON.format(name="DSelectK")

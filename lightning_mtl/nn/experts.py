@@ -4,7 +4,8 @@
 Every task reads its own mixture of expert outputs, so there is no single shared representation
 (``mode="representation"`` is refused). Each forward stores the gate weights it used in ``last_gates``
 (detached) so that a user can log them, e.g. with :func:`gate_entropy` to watch for gate collapse.
-The private helpers here (expert / tower building, mixing) are also used by :mod:`lightning_mtl.nn.dselect_k`.
+The private helpers here (expert / tower building, mixing, argument checks) are also used by
+:mod:`lightning_mtl.nn.dselect_k`; the file is long (≈600 lines) because the three classes share them.
 """
 
 from __future__ import annotations
@@ -405,6 +406,12 @@ class PLE(MultiTaskArchitecture):
         last_gates: the gate weights of the last forward (detached): ``{task: [B, m_t + m_s]}`` for the last
             level (what the towers read) and, for lower levels ``j``, ``"level{j}/{task}"`` and
             ``"level{j}/shared"`` (``[B, T·m_t + m_s]``, task experts in task order, then the shared ones).
+
+    Example::
+
+        arch = PLE(["ctr", "cvr"], input_shape=32, num_levels=2, num_task_experts=2, num_shared_experts=1)
+        out = arch(torch.randn(5, 32))                  # {"ctr": [5, 1], "cvr": [5, 1]}
+        arch.last_gates["level0/shared"].shape          # [5, 2·2 + 1]: every expert of level 0
     """
 
     representation_unsupported = _MIXTURE_REASON.format(name="PLE")
@@ -540,6 +547,12 @@ class CGC(PLE):
 
     Attributes:
         last_gates: ``{task: [B, m_t + m_s]}`` of the last forward (detached; own experts first).
+
+    Example::
+
+        arch = CGC(["ctr", "cvr"], input_shape=32, num_task_experts=2, num_shared_experts=2)
+        out = arch(torch.randn(5, 32))                  # {"ctr": [5, 1], "cvr": [5, 1]}
+        arch.last_gates["cvr"]                          # [5, 4]: cvr's 2 experts, then the 2 shared ones
     """
 
     representation_unsupported = _MIXTURE_REASON.format(name="CGC")

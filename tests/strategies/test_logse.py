@@ -286,7 +286,7 @@ def test_deferred_check_is_flushed_at_the_end_of_the_fit():
         trainer(max_steps=2, callbacks=[strategy]).fit(net, dummy_loader(2))  # the bad step is the last
 
 
-def test_deferred_check_runs_no_check_on_good_losses():
+def test_deferred_check_on_good_losses_gives_the_eager_result():
     strategy = LogSE()
     strategy._defer = True
     net = ScalarNet(lr=0.1)

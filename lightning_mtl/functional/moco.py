@@ -158,8 +158,8 @@ def moco_step(
 
     The order (``Y``, then ``λ`` with the new ``Y``, then ``Yᵀλ`` with the new ``λ``), ``Y₀ = 0`` and ``λ₀ = 1/T``
     are those of LibMTL's ``MoCo`` and of the authors' code (``heshandevaka/MoCo``, ``Tracking.py``;
-    ``heshandevaka/Trade-Off-MOL``, ``MoCo.py``). The paper's projection of ``yᵢ`` onto a bounded set (a
-    device of the analysis) is omitted, as in both codes.
+    ``heshandevaka/Trade-Off-MOL``, ``MoCo.py``). Neither code projects ``yᵢ`` onto a bounded set (which the
+    paper's analysis is recalled to use; not verified), nor does this function.
 
     Defaults are LibMTL's (``β = 0.5, σβ = 0.5, γ = 0.1, σγ = 0.5, ρ = 0``). The authors' ICLR code uses
     ``β = 0.1, σβ = 0.5, γ = 0.1, σγ = 0.5``, no ``ρ``, and the gradient ``2YYᵀλ`` of ``λᵀYYᵀλ`` (i.e. twice

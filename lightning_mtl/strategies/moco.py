@@ -42,8 +42,8 @@ class MoCo(GradientDirection):
 
     The paper's equation numbers were not checked here (its text was not reachable); the rule above was
     checked against LibMTL's and the authors' code, which agree on the order (``Y``, then ``λ`` with the new
-    ``Y``, then ``Yᵀλ`` with the new ``λ``), on ``Y₀ = 0`` and ``λ₀ = 1/T``, and omit the paper's projection
-    of ``yᵢ`` onto a bounded set. ``Y₀ = 0`` (not the first gradient) follows both codes: the first steps are
+    ``Y``, then ``Yᵀλ`` with the new ``λ``), on ``Y₀ = 0`` and ``λ₀ = 1/T``, and have no projection of ``yᵢ``
+    onto a bounded set (which the paper's analysis is recalled to use; not verified). ``Y₀ = 0`` (not the first gradient) follows both codes: the first steps are
     then shrunk by ``β₁`` (``Y₁ = βG₁``), which a decaying ``βₖ`` corrects within a few steps.
 
     Conventions:
@@ -53,7 +53,7 @@ class MoCo(GradientDirection):
     * **Normalisation**: none by default (the paper); ``normalize="loss_norm"`` is LibMTL's
       ``gᵢ ← Lᵢ·gᵢ/(‖gᵢ‖ + 1e-8)`` before the tracking (with the losses averaged over ranks).
     * **Sum 1**: ``λ`` lies on the simplex and the shared update is the convex combination ``Yᵀλ`` (mean-like,
-      about ``1/T`` of equal weighting's ``Σgᵢ``), as in the paper, LibMTL and this library's :class:`MGDA`;
+      about ``1/T`` of equal weighting's ``Σgᵢ``), as in LibMTL, the authors' code and this library's :class:`MGDA`;
       ``train/weight/<task>`` logs ``λ`` (sum 1). The heads' gradient ``∇ΣLᵢ`` is a sum.
     * **Defaults** are LibMTL's: ``β = 0.5, σβ = 0.5, γ = 0.1, σγ = 0.5, ρ = 0``. The authors' ICLR code uses
       ``β = 0.1``, no ``ρ`` and a ``λ`` step twice as large (``2YYᵀλ``, i.e. ``γ = 0.2`` here); their later fork

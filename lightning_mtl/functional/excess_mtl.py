@@ -48,15 +48,21 @@ def excess_risks(J: Tensor, sq_grad_sum: Tensor, eps: float = 1e-7) -> Tensor:
     """Excess-risk estimates ``eᵢ = gᵢᵀ diag(1/√(Sᵢ + ε)) gᵢ = Σ_p gᵢ,p² / √(Sᵢ,p + ε)`` (``[T]``, float64).
 
     ``S`` must already contain this step's ``gᵢ²`` (as in the authors' code, the accumulator is updated
-    before it is used). No ``½`` (see :func:`excess_mtl_step`). Computed in ``J``'s dtype, summed in float64.
+    before it is used). No ``½`` (see :func:`excess_mtl_step`). Computed and summed in ``J``'s dtype.
     """
     check_jacobian(J, _METHOD)
     _check_eps(eps)
     if not isinstance(sq_grad_sum, Tensor) or tuple(sq_grad_sum.shape) != tuple(J.shape):
         shape = tuple(sq_grad_sum.shape) if isinstance(sq_grad_sum, Tensor) else type(sq_grad_sum).__name__
         raise ValueError(f"sq_grad_sum must have J's shape {tuple(J.shape)} for {_METHOD}, got {shape}.")
-    S = sq_grad_sum.to(device=J.device, dtype=J.dtype)
-    return (J.square() * (S + eps).rsqrt()).sum(dim=1, dtype=_F64).cpu()
+    return _excess(J.detach(), sq_grad_sum.detach().to(device=J.device, dtype=J.dtype), eps)
+
+
+def _excess(J: Tensor, S: Tensor, eps: float) -> Tensor:
+    """``Σ_p J²/√(S + ε)`` per row with one ``[T, P]`` temporary, in ``J``'s dtype, as float64 on the CPU: the
+    row-wise dot product of ``J/√(S + ε)`` with ``J`` (one batched BLAS dot, faster than a multiply and a sum)."""
+    scaled = S.add(eps).rsqrt_().mul_(J)
+    return torch.bmm(scaled.unsqueeze(1), J.unsqueeze(2)).flatten().to(device="cpu", dtype=_F64)
 
 
 def excess_mtl_step(
@@ -65,6 +71,7 @@ def excess_mtl_step(
     *,
     robust_step_size: float = 1e-2,
     eps: float = 1e-7,
+    inplace: bool = False,
 ) -> ExcessMTLResult:
     """One ExcessMTL update: accumulate ``S``, estimate the excess risks, take the exponentiated-gradient step.
 
@@ -112,6 +119,9 @@ def excess_mtl_step(
         robust_step_size: ``η > 0``, the step of the exponentiated-gradient ascent (default ``1e-2``, the
             authors' ``robust_step_size``).
         eps: ``ε > 0`` inside the square root (default ``1e-7``, the authors').
+        inplace: add ``J²`` to ``state.sq_grad_sum`` in place (when it is on ``J``'s device, in ``J``'s dtype)
+            instead of allocating a new ``S``: peak memory ``J``, ``S`` and one ``[T, P]`` temporary. The
+            strategy uses it; by default the given state is left untouched.
 
     Returns:
         :class:`ExcessMTLResult` ``(weights, state, excess, relative_excess)``.
@@ -131,18 +141,22 @@ def excess_mtl_step(
     J = J.detach()
     if J.dtype not in (torch.float32, torch.float64):
         J = J.float()
-    if not bool(torch.isfinite(J).all()):
-        raise ValueError(
-            f"J must be finite for {_METHOD}, got inf/NaN entries (an overflow of the gradients?)."
-        )
     if state is None:
         S = J.square()
         baseline = torch.zeros(T, dtype=_F64)
         log_weights = torch.zeros(T, dtype=_F64)
     else:
         S_prev, baseline, log_weights = _check_state(state, J)
-        S = S_prev.to(device=J.device, dtype=J.dtype) + J.square()
-    e = excess_risks(J, S, eps)
+        if inplace and S_prev.device == J.device and S_prev.dtype == J.dtype:
+            S = S_prev.addcmul_(J, J)
+        else:
+            S = torch.addcmul(S_prev.to(device=J.device, dtype=J.dtype), J, J)
+    e = _excess(J, S, eps)
+    if not bool(torch.isfinite(e).all()):
+        raise ValueError(
+            f"J must be finite for {_METHOD}: got inf/NaN excess risks {e.tolist()} (non-finite gradients; "
+            "an AMP overflow?)."
+        )
     unset = baseline <= 0
     new = unset & (e > 0)
     baseline = torch.where(new, e, baseline)
@@ -185,7 +199,7 @@ def _check_state(state: ExcessMTLState, J: Tensor) -> tuple[Tensor, Tensor, Tens
         raise ValueError(
             f"state.log_weights must not be NaN or +inf for {_METHOD}, got {log_weights.tolist()}."
         )
-    return S.detach(), baseline, log_weights
+    return S, baseline, log_weights
 
 
 def _check_eps(eps: float) -> None:

@@ -102,7 +102,8 @@ class ExcessMTL(GradientWeighting):
     # ------------------------------------------------------------------ state, read-only views
     @property
     def sq_grad_sum(self) -> Tensor | None:
-        """``S [T, P]``, the running sum of squared per-task gradients; ``None`` before the first update."""
+        """``S [T, P]``, the running sum of squared per-task gradients (updated in place at each weight
+        update); ``None`` before the first update."""
         return None if self._state is None else self._state.sq_grad_sum
 
     @property
@@ -124,7 +125,8 @@ class ExcessMTL(GradientWeighting):
                 "written for another model or another shared_parameters(). Resume with the model that wrote it, "
                 "or start a new fit without ckpt_path."
             )
-        result = excess_mtl_step(stat, self._state, robust_step_size=self.robust_step_size)
+        # S is the strategy's own: updated in place (peak memory J, S and one [T, P] temporary)
+        result = excess_mtl_step(stat, self._state, robust_step_size=self.robust_step_size, inplace=True)
         self._state = result.state
         for name, r in zip(self.task_names, result.relative_excess.float().unbind()):
             self._metrics[f"train/excess_mtl/relative_excess/{name}"] = r
@@ -156,14 +158,15 @@ class ExcessMTL(GradientWeighting):
         S, baseline, log_weights = (v.detach() for v in values)
         if order is not None:
             S, baseline, log_weights = (take_tasks(v, order) for v in (S, baseline, log_weights))
-        self._state = ExcessMTLState(  # never mutated in place: no copies needed
-            S, baseline.to(device="cpu", dtype=torch.float64), normalized_log_weights(log_weights)
+        self._state = ExcessMTLState(  # S is updated in place: a copy, not the caller's tensor
+            S.clone(), baseline.to(device="cpu", dtype=torch.float64), normalized_log_weights(log_weights)
         )
 
     def task_state(self) -> dict[str, Any]:
-        """The base's checkpoint state, with ``S`` copied to the CPU (a checkpoint loads on any device)."""
+        """The base's checkpoint state, with a copy of ``S`` on the CPU (a checkpoint loads on any device, and
+        the live ``S`` is updated in place)."""
         state = super().task_state()
         S = state["method"].get("sq_grad_sum")
         if isinstance(S, Tensor):
-            state["method"]["sq_grad_sum"] = S.detach().cpu()
+            state["method"]["sq_grad_sum"] = S.detach().to("cpu", copy=True)
         return state

@@ -111,6 +111,36 @@ def test_excess_risks_formula():
     torch.testing.assert_close(excess_risks(J, S), expected)
 
 
+def test_inplace_updates_the_given_accumulator_and_the_default_leaves_it():
+    g = torch.Generator().manual_seed(5)
+    J0, J1 = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    state = excess_mtl_step(J0).state
+    before = state.sq_grad_sum.clone()
+    copied = excess_mtl_step(J1, state, robust_step_size=0.3)
+    assert torch.equal(state.sq_grad_sum, before)  # the default never mutates its input
+    inplace = excess_mtl_step(J1, state, robust_step_size=0.3, inplace=True)
+    assert inplace.state.sq_grad_sum is state.sq_grad_sum
+    torch.testing.assert_close(state.sq_grad_sum, before + J1.square())
+    for a, b in zip(inplace, copied):
+        torch.testing.assert_close(
+            a if isinstance(a, torch.Tensor) else a[0], b if isinstance(b, torch.Tensor) else b[0]
+        )
+
+
+def test_a_saved_state_is_a_copy_of_the_live_accumulator():
+    s = bound(ExcessMTL(), "ab")
+    s.compute_weights(torch.ones(2, 3), torch.ones(2))
+    saved = s.state_dict()["state"]["method"]["sq_grad_sum"]
+    s.compute_weights(torch.ones(2, 3), torch.ones(2))
+    assert saved is not s.sq_grad_sum and saved.tolist() == [[1.0] * 3] * 2
+    assert s.sq_grad_sum.tolist() == [[2.0] * 3] * 2
+    loaded = {"sq_grad_sum": saved, "baseline": torch.ones(2), "log_weights": torch.zeros(2)}
+    other = bound(ExcessMTL(), "ab")
+    other.load_method_state(loaded)
+    other.compute_weights(torch.ones(2, 3), torch.ones(2))
+    assert saved.tolist() == [[1.0] * 3] * 2  # restoring does not alias the caller's tensor
+
+
 # ------------------------------------------------------------------------------------------ TorchJD
 def test_matches_torchjd_with_one_warmup_step():
     """TorchJD 0.18's ExcessMTLWeighting with n_warmup_steps=1 is the authors' rule: its first call stores the
@@ -323,7 +353,10 @@ def test_accumulation_equals_the_large_batch():
 class _Recording(ExcessMTL):
     def on_optimizer_step(self, module, skipped):
         super().on_optimizer_step(module, skipped)
-        self.history = [*getattr(self, "history", []), (self.sq_grad_sum, self.weights_tensor().clone())]
+        self.history = [
+            *getattr(self, "history", []),
+            (self.sq_grad_sum.clone(), self.weights_tensor().clone()),
+        ]
 
 
 def test_update_every_moves_the_state_only_on_update_steps():
@@ -332,7 +365,7 @@ def test_update_every_moves_the_state_only_on_update_steps():
     S, w = zip(*strategy.history)
     # steps 0, 3 and 6 update S and the weights; steps 1, 2, 4, 5 take no per-task gradient and reuse both
     for a, b in ((0, 1), (1, 2), (3, 4), (4, 5)):
-        assert S[a] is S[b] and torch.equal(w[a], w[b])
+        assert torch.equal(S[a], S[b]) and torch.equal(w[a], w[b])
     for a, b in ((2, 3), (5, 6)):
         assert not torch.equal(S[a], S[b]) and not torch.equal(w[a], w[b])
     assert float(w[-1].sum()) == pytest.approx(3.0, abs=1e-5)
@@ -520,6 +553,8 @@ def test_functional_bad_input():
         excess_mtl_step(J, eps=0)
     with pytest.raises(ValueError, match=r"J must be finite"):
         excess_mtl_step(torch.tensor([[1.0, math.inf]]))
+    with pytest.raises(ValueError, match=r"J must be finite"):
+        excess_mtl_step(torch.tensor([[1.0, math.nan]]), excess_mtl_step(torch.ones(1, 2)).state)
     with pytest.raises(ValueError, match=r"J must be a \[T, P\]"):
         excess_mtl_step(torch.ones(3))
     state = excess_mtl_step(J).state

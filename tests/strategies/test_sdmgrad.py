@@ -187,6 +187,17 @@ def test_a_batch_that_cannot_be_split_into_three_is_a_clear_error():
         trainer(max_steps=1, callbacks=[SDMGrad()]).fit(TinyNet(), loader(make_data(n=8), batch_size=2))
 
 
+def test_a_batch_size_not_divisible_by_three_gives_unequal_parts_and_trains():
+    # 10 samples -> parts of 4, 3, 3 (torch.tensor_split); the last batch of 40 % 10 = 0 is full
+    model, strategy = ConflictNet(lr=0.02), SDMGrad()
+    before = _mean_loss(model, n=40)
+    trainer(max_epochs=3, callbacks=[strategy]).fit(model, loader(make_data(n=40), batch_size=10))
+    assert _mean_loss(model, n=40) < before
+    assert float(strategy.inner_weights.sum()) == pytest.approx(1.0, abs=1e-9) and bool(
+        (strategy.inner_weights >= 0).all()
+    )
+
+
 @pytest.mark.parametrize("accumulate", [2, 3])
 def test_accumulation_trains_and_solves_once_per_window(accumulate):
     model = ConflictNet(lr=0.02, accumulate_grad_batches=accumulate)

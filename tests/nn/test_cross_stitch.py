@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mtl import MultiTaskModule
 from lightning_mtl.nn.base import default_conv_stack
 from lightning_mtl.nn.cross_stitch import CrossStitch, cross_stitch_init
-from lightning_mtl.strategies import PCGrad
+from lightning_mtl.strategies import MGDA, PCGrad
 
 # (the architecture tests share these few helpers by copy: tests/nn has no package or conftest of its own)
 
@@ -46,13 +46,12 @@ def check_sharing(arch, x: torch.Tensor) -> set[int]:
     return expected
 
 
-class ArchModule(MultiTaskModule):
+class HeldModule(MultiTaskModule):
+    """A MultiTaskModule holding an architecture (MSE per task); it takes the shared parameters from it."""
+
     def __init__(self, arch, lr: float = 0.05) -> None:
         super().__init__(tasks=list(arch.task_names))
         self.arch, self.lr = arch, lr
-
-    def shared_parameters(self):
-        return self.arch.shared_parameters()
 
     def task_losses(self, batch, batch_idx):
         x, y = batch
@@ -61,6 +60,13 @@ class ArchModule(MultiTaskModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.arch.param_groups(lr=self.lr, alpha_lr_mult=10.0), lr=self.lr)
+
+
+class ArchModule(HeldModule):
+    """:class:`HeldModule` declaring ``shared_parameters()`` from the architecture by hand."""
+
+    def shared_parameters(self):
+        return self.arch.shared_parameters()
 
 
 def manual_mix(alpha: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -207,3 +213,14 @@ def test_training_with_pcgrad_reduces_the_loss():
     assert any(
         not torch.equal(a, b) for a, b in zip(alpha0, arch.alpha_parameters(), strict=True)
     )  # α learns
+
+
+def test_a_module_holding_it_gets_its_shared_set_and_refuses_representation_mode():
+    torch.manual_seed(0)
+    arch = CrossStitch(["a", "b"], in_features=3, widths=(4,))
+    held = HeldModule(arch)
+    assert [id(p) for p in held.shared_parameters()] == [id(p) for p in arch.shared_parameters()]
+    with pytest.raises(RuntimeError, match="has none"):
+        trainer(max_steps=1, callbacks=[MGDA(mode="representation")]).fit(
+            held, DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 2)), batch_size=8)
+        )

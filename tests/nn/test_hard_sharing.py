@@ -44,17 +44,13 @@ def check_sharing(arch, x: torch.Tensor) -> set[int]:
     return expected
 
 
-class ArchModule(MultiTaskModule):
-    """A MultiTaskModule around an architecture: MSE per task; shared parameters from the architecture."""
+class HeldModule(MultiTaskModule):
+    """A MultiTaskModule holding an architecture (MSE per task): the module takes the shared parameters and the
+    representation marker from it."""
 
-    def __init__(self, arch, lr: float = 0.05, representation: bool = False) -> None:
+    def __init__(self, arch, lr: float = 0.05) -> None:
         super().__init__(tasks=list(arch.task_names))
         self.arch, self.lr = arch, lr
-        if representation:
-            arch.set_representation_marker(self.shared_representation)
-
-    def shared_parameters(self):
-        return self.arch.shared_parameters()
 
     def task_losses(self, batch, batch_idx):
         x, y = batch
@@ -65,25 +61,26 @@ class ArchModule(MultiTaskModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class ArchModule(HeldModule):
+    """:class:`HeldModule` declaring ``shared_parameters()`` from the architecture by hand."""
+
+    def shared_parameters(self):
+        return self.arch.shared_parameters()
+
+
 def vector_data(n: int = 64, d: int = 6, tasks: int = 3) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g)
     return TensorDataset(x, torch.tanh(x @ torch.randn(d, tasks, generator=g)))
 
 
-def image_data(n: int = 32, c: int = 3, size: int = 8, tasks: int = 2) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, size, size, generator=g)
-    return TensorDataset(x, x.mean((2, 3)) @ torch.randn(c, tasks, generator=g))
-
-
-def total_loss(module: ArchModule, ds: TensorDataset) -> float:
+def total_loss(module: HeldModule, ds: TensorDataset) -> float:
     with torch.no_grad():
         return sum(v.item() for v in module.task_losses(ds.tensors, 0).values())
 
 
-def fit_reduces_loss(arch, ds: TensorDataset, strategy, epochs: int = 15, **kw) -> None:
-    module = ArchModule(arch, **kw)
+def fit_reduces_loss(arch, ds: TensorDataset, strategy, epochs: int = 15, held: bool = False, **kw) -> None:
+    module = (HeldModule if held else ArchModule)(arch, **kw)
     before = total_loss(module, ds)
     trainer(max_epochs=epochs, callbacks=[strategy]).fit(module, DataLoader(ds, batch_size=16))
     after = total_loss(module, ds)
@@ -103,7 +100,14 @@ def test_shapes_default_mlp_and_conv():
 
 @pytest.mark.parametrize(
     "branch_at, shared_depth",
-    [(None, 3), ({"a": 1}, 3), ({"a": 1, "b": 2}, 2), ({"a": 2, "b": 2}, 2), ({"b": 2}, 3), ({"a": 1, "b": 1}, 1)],
+    [
+        (None, 3),
+        ({"a": 1}, 3),
+        ({"a": 1, "b": 2}, 2),
+        ({"a": 2, "b": 2}, 2),
+        ({"b": 2}, 3),
+        ({"a": 1, "b": 1}, 1),
+    ],
 )
 def test_shared_parameters_are_those_two_tasks_reach(branch_at, shared_depth):
     torch.manual_seed(0)
@@ -204,10 +208,12 @@ def test_training_with_pcgrad_reduces_the_loss():
     fit_reduces_loss(arch, vector_data(), PCGrad(seed=0))
 
 
-def test_training_in_representation_mode_reduces_the_loss():
+def test_a_module_holding_it_gets_its_shared_set_and_trains_in_representation_mode():
     torch.manual_seed(0)
     arch = HardSharing(["a", "b", "c"], in_features=6, widths=(16, 16), branch_at={"a": 1})
-    fit_reduces_loss(arch, vector_data(), MGDA(mode="representation"), representation=True)
+    held = HeldModule(arch)
+    assert [id(p) for p in held.shared_parameters()] == [id(p) for p in arch.shared_parameters()]
+    fit_reduces_loss(arch, vector_data(), MGDA(mode="representation"), held=True)
 
 
 # ------------------------------------------------------------------------------------------ MultiBackbone
@@ -263,7 +269,8 @@ def test_multibackbone_bad_input():
         mixed(torch.randn(1, 3, 2, 2))
 
 
-def test_multibackbone_training_with_pcgrad_reduces_the_loss():
+def test_multibackbone_held_trains_in_representation_mode():
+    # the module takes the concatenated features as the shared representation (MGDA on ∂L_t/∂z)
     torch.manual_seed(0)
-    arch = MultiBackbone(["a", "b"], in_channels=3, widths=(8,))
-    fit_reduces_loss(arch, image_data(), PCGrad(seed=0), epochs=20, lr=0.1)
+    arch = MultiBackbone(["a", "b", "c"], in_features=6, widths=(16,))
+    fit_reduces_loss(arch, vector_data(), MGDA(mode="representation"), held=True)

@@ -45,13 +45,12 @@ def check_sharing(arch, x: torch.Tensor) -> set[int]:
     return expected
 
 
-class ArchModule(MultiTaskModule):
+class HeldModule(MultiTaskModule):
+    """A MultiTaskModule holding an architecture (MSE per task); it takes the shared parameters from it."""
+
     def __init__(self, arch, lr: float = 0.05) -> None:
         super().__init__(tasks=list(arch.task_names))
         self.arch, self.lr = arch, lr
-
-    def shared_parameters(self):
-        return self.arch.shared_parameters()
 
     def task_losses(self, batch, batch_idx):
         x, y = batch
@@ -60,6 +59,13 @@ class ArchModule(MultiTaskModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ArchModule(HeldModule):
+    """:class:`HeldModule` declaring ``shared_parameters()`` from the architecture by hand."""
+
+    def shared_parameters(self):
+        return self.arch.shared_parameters()
 
 
 # ------------------------------------------------------------------------------------------ the equations
@@ -173,10 +179,21 @@ def test_training_with_mgda_reduces_the_loss():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, 8, 8, generator=g)
     ds = TensorDataset(x, x.mean((2, 3)) @ torch.randn(3, 2, generator=g))
-    module = ArchModule(MTAN(["a", "b"], in_channels=3, widths=(8, 8)), lr=0.1)
+    module = ArchModule(MTAN(["a", "b"], in_channels=3, widths=(4, 4)), lr=0.1)
     with torch.no_grad():
         before = sum(v.item() for v in module.task_losses(ds.tensors, 0).values())
-    trainer(max_epochs=10, callbacks=[MGDA()]).fit(module, DataLoader(ds, batch_size=16))
+    trainer(max_epochs=6, callbacks=[MGDA()]).fit(module, DataLoader(ds, batch_size=16))
     with torch.no_grad():
         after = sum(v.item() for v in module.task_losses(ds.tensors, 0).values())
     assert after < 0.8 * before, (before, after)
+
+
+def test_a_module_holding_it_gets_its_shared_set_and_refuses_representation_mode():
+    torch.manual_seed(0)
+    arch = MTAN(["a", "b"], in_channels=3, widths=(4,))
+    held = HeldModule(arch)
+    assert [id(p) for p in held.shared_parameters()] == [id(p) for p in arch.shared_parameters()]
+    with pytest.raises(RuntimeError, match="has none"):
+        trainer(max_steps=1, callbacks=[MGDA(mode="representation")]).fit(
+            held, DataLoader(TensorDataset(torch.randn(8, 3, 8, 8), torch.randn(8, 2)), batch_size=8)
+        )

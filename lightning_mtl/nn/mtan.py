@@ -66,8 +66,10 @@ class MTAN(MultiTaskArchitecture):
     BN → sigmoid (masks in (0, 1)) and ``f^j`` = 3×3 conv → BN → ReLU between stages, then max-pooled to the next
     stage's resolution (bilinearly upsampled if it is larger). Task ``t``'s head reads ``â_t^J``.
 
-    Choices: ``f^j`` is one module per stage shared by the tasks, as in the official code (whether the paper shares
-    it is unverified); ``g``'s hidden width is the stage's output width (the official SegNet's ``[2c, c, c]``).
+    Choices: ``f^j`` is one module per stage shared by the tasks, as in the official code (lorenmt/mtan,
+    ``model_segnet_mtan.py``: ``encoder_block_att``; whether the paper shares it is unverified); ``g``'s hidden width
+    is the stage's output width (the official ``att_layer([2c, c, c])``); PyTorch's default initialisation (the
+    official code uses Xavier-normal convs).
     ``T`` separate attention modules per stage are built (LibMTL's ResNet MTAN builds ``[module] * T``, one object
     for every task, so nothing there is task-specific). The official SegNet (filters 64-128-256-512-512, attention in
     5 encoder and 5 decoder stages, Adam 1e-4) is not reproduced: the stages are the user's or small defaults.

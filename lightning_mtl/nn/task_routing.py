@@ -43,19 +43,23 @@ class TaskRouting(MultiTaskArchitecture):
     function, because ReLU and max-pooling commute with a per-channel 0/1 mask.
 
     **σ.** ``sharing_ratio`` σ is the fraction of each layer's units kept active per task: a task keeps
-    ``⌊σC⌋`` of ``C`` units (at least 1 required) and the other ``C − ⌊σC⌋`` are zeroed. The official code's
-    ``sigma`` is the *masked* fraction instead: it zeroes ``int(σ_official · C)`` units per task (default 0.5,
-    σ = 0 meaning no routing); pass ``masked_fraction=`` for exactly that rule (``C − ⌊mC⌋`` units kept). At 0.5 (the
-    paper's default, "50% shared") both coincide for even C. Pass at most one of the two.
+    ``⌊σC⌋`` of ``C`` units (at least 1 required) and the other ``C − ⌊σC⌋`` are zeroed. The official code
+    (gstrezoski/TaskRouting, ``routed_vgg.py`` / ``taskrouting.py``) uses σ the other way round: ``vgg11(sigma=0.5)``
+    builds each router with ``int(C · sigma)`` *knocked-out* units per task (σ = 0: no routing); pass
+    ``masked_fraction=`` for exactly that rule (``C − ⌊mC⌋`` units kept). At 0.5 (the default of both, the paper's
+    "50% shared") the two coincide for even C. Pass at most one of the two.
 
     **Masks** are registered buffers (``mask_0``, ``mask_1``, …; saved in the ``state_dict``), drawn from a
     ``torch.Generator`` seeded with ``seed``, so they are the same across forwards, reloads and ranks, and never
-    get a gradient; the multiply is out of place (the official code keeps M as a parameter and masks ``.data`` in
-    place). Different tasks' masks differ with high probability only (they are not forced to).
+    get a gradient; the multiply is out of place (the official code draws M with an unseeded ``np.random``, keeps it
+    as an ``nn.Parameter`` and multiplies ``input.data`` in place, so autograd never sees the mask and only the
+    following ReLU stops the gradient of masked units). Different tasks' masks differ with high probability only
+    (they are not forced to).
 
     **Forward.** The official code activates one task per forward and runs only its head. ``forward(x)`` runs
     every task (the masked pass of the trunk and the task's head, once per task: T× the trunk's cost);
-    ``forward(x, tasks=[...])`` runs only those tasks, for training on a sampled subset of hundreds of tasks.
+    ``forward(x, tasks=[...])`` runs only those tasks, for training on a sampled subset of hundreds of tasks (under
+    DDP the unused heads then need ``find_unused_parameters=True``).
 
     **Shared.** The stages (each task updates the units it keeps; every stage tensor is reached by every task at
     σ > 0); the heads are task-specific; the masks are buffers. Each task reads its own masked features, so

@@ -160,6 +160,10 @@ def test_user_stages_heads_and_factories():
     assert by_name(torch.randn(2, 4))["a"].shape == (2, 2)
     declared = HardSharing(["a", "b"], [nn.Linear(4, 5), nn.Linear(5, 3)], widths=[5, 3], branch_at={"a": 1})
     assert declared.heads["a"].linear.in_features == 5 and declared.heads["b"].linear.in_features == 3
+    sequential = HardSharing(
+        ["a", "b"], nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), widths=[5, 5, 3]
+    )
+    assert len(sequential.stages) == 3 and sequential(torch.randn(2, 4))["b"].shape == (2, 1)
 
 
 def test_bad_input_names_argument_and_fix():

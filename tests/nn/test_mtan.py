@@ -136,6 +136,9 @@ def test_vector_features_use_linear_attention():
     assert arch.attention["a"][1][0].in_features == 12  # [u² ; f¹(â¹)]
     masks = arch.attention_masks(torch.randn(3, 5))
     assert [tuple(m.shape) for m in masks["b"]] == [(3, 4), (3, 6)]
+    user = MTAN(["a", "b"], [(nn.Linear(5, 4), nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3))],
+                widths=[4, 3], spatial=False)  # fmt: skip
+    assert user(torch.randn(3, 5))["a"].shape == (3, 1) and isinstance(user.blocks[0][0], nn.Linear)
 
 
 def test_user_stages_as_sequentials_or_pairs():

@@ -132,7 +132,7 @@ def build_heads(
     out_features: int | Mapping[str, int],
 ) -> nn.ModuleDict:
     """One head per task: the user's (a mapping task → module/factory, or a factory called with the task name), or
-    the default :class:`PooledLinear` on ``in_widths[task]`` features."""
+    the default :class:`PooledLinear` on ``in_widths[task]`` features. An ``nn.ModuleDict`` counts as a mapping."""
     if heads is None:
         unknown = [t for t in tasks if in_widths[t] is None]
         if unknown:
@@ -143,7 +143,7 @@ def build_heads(
             )
         sizes = out_sizes(owner, tasks, out_features)
         return nn.ModuleDict({t: PooledLinear(int(in_widths[t]), sizes[t]) for t in tasks})  # type: ignore[arg-type]
-    if isinstance(heads, Mapping):
+    if isinstance(heads, (Mapping, nn.ModuleDict)):
         missing = [t for t in tasks if t not in heads]
         unknown = [t for t in heads if t not in tasks]
         if missing or unknown:

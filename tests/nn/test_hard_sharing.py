@@ -156,6 +156,10 @@ def test_user_stages_heads_and_factories():
     arch = HardSharing(["a", "b"], stages, heads, branch_at={"a": 1})
     out = arch(torch.randn(2, 4))
     assert out["a"].shape == (2, 2) and out["b"].shape == (2, 1)
+    as_module_dict = HardSharing(
+        ["a", "b"], [nn.Linear(4, 5)], nn.ModuleDict({"a": nn.Linear(5, 2), "b": nn.Linear(5, 1)})
+    )
+    assert as_module_dict(torch.randn(2, 4))["a"].shape == (2, 2)
     by_name = HardSharing(["a", "b"], [nn.Linear(4, 5)], lambda t: nn.Linear(5, 2 if t == "a" else 1))
     assert by_name(torch.randn(2, 4))["a"].shape == (2, 2)
     declared = HardSharing(["a", "b"], [nn.Linear(4, 5), nn.Linear(5, 3)], widths=[5, 3], branch_at={"a": 1})

@@ -88,16 +88,18 @@ def excess_mtl_step(
        step (the authors' first call, which only stores ``e⁰``); afterwards ``rᵢ = eᵢ / e⁰ᵢ``;
     4. ``log wᵢ ← log wᵢ + η rᵢ``, then ``log w ← log w − logsumexp(log w) + log T`` (so ``Σ w = T``).
 
-    Conventions (each differs from a reference, none changes the weights the authors' code produces):
+    Conventions (each differs from some reference; none changes the weights of the authors' code where those
+    are finite):
 
-    * **No ½.** The Taylor expansion gives ``Lᵢ(θ) − Lᵢ(θ*) ≈ ½ gᵢᵀHᵢ⁻¹gᵢ``; the authors' code drops the
-      ``½``. It cancels in ``eᵢ / e⁰ᵢ``, so the weights are the same either way.
+    * **No ½.** A second-order expansion around the optimum gives ``Lᵢ(θ) − Lᵢ(θ*) ≈ ½ gᵢᵀHᵢ⁻¹gᵢ``; the
+      authors' code (and TorchJD's note on Equation 6) has no ``½``. It cancels in ``eᵢ / e⁰ᵢ``: the weights
+      are the same either way.
     * **Log weights.** The multiplicative update ``wᵢ ← wᵢ·exp(η rᵢ)``, ``w ← T·w/Σw`` is carried out on
       ``log w`` (float64) with a log-sum-exp normalisation: identical in exact arithmetic, but a long run
       (or a huge ``rᵢ``) saturates the weights at ``T`` and ``0`` instead of overflowing ``exp`` to
       ``inf``/``nan``. ``η rᵢ`` is capped at ``1e300`` so that it stays finite.
     * **Sum T.** The weights start at 1 and sum to ``T`` (the authors' code and LibMTL); the paper's
-      weights live on the simplex (sum 1): multiply those by ``T``.
+      weights live on the simplex (sum 1, as TorchJD keeps them): multiply those by ``T``.
     * **Baseline per task.** The authors store ``e⁰`` for every task at the first call. A task whose
       gradient is zero then (its loss does not reach the shared parameters, yet) would make ``rᵢ = eᵢ/0``
       infinite or NaN; here its baseline waits for its first non-zero ``eᵢ`` and until then ``rᵢ = 0``.

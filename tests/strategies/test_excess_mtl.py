@@ -573,3 +573,33 @@ class NoShared(TinyNet):
 def test_no_shared_parameters_is_a_clear_error():
     with pytest.raises(ValueError, match=r"ExcessMTL needs the shared parameters"):
         trainer(max_steps=1, callbacks=[ExcessMTL()]).fit(NoShared(), loader(make_data(n=8)))
+
+
+def test_configurable_from_yaml(tmp_path):
+    """LightningCLI builds it from class_path + init_args (the constructor's type hints are accurate)."""
+    yaml = pytest.importorskip("yaml")
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_mtl import MultiTaskModule
+
+    strategy = {
+        "class_path": "lightning_mtl.strategies.excess_mtl.ExcessMTL",
+        "init_args": {"robust_step_size": 0.05, "update_every": 2, "jacobian": "loop"},
+    }
+    config = {
+        "trainer": {"callbacks": [strategy], "logger": False},
+        "model": {"class_path": "lightning_mtl.datasets.MLPMultiTask", "init_args": {"tasks": ["digit"]}},
+        "data": {"class_path": "lightning_mtl.datasets.BuiltinDataModule", "init_args": {"batch_size": 16}},
+    }
+    path = tmp_path / "excess.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(
+        MultiTaskModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(path)],
+        run=False,
+        save_config_callback=None,
+    )
+    (built,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ExcessMTL)]
+    assert built.robust_step_size == 0.05 and built.update_every == 2

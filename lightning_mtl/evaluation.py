@@ -1,8 +1,9 @@
 """Epoch-end values of :class:`~lightning_mtl.MultiTaskModule`: per-task evaluation losses and per-task metrics.
 
 The evaluation loss of a task is the dataset mean of its loss, per dataloader, over every rank: one float64
-buffer ``[dataloaders, T + 1]`` holds the sums of ``loss x batch size`` and the sample count; at epoch end it is
-summed over ranks in one all-reduce and turned into means. Per-task metrics are computed (and synchronised) by
+buffer ``[dataloaders, 2T]`` holds, per task, the sum of ``loss x samples`` and the sample count (the batch
+size, or the labelled count of a :func:`~lightning_mtl.masked_mean`; 0 for an absent partial task); at epoch end
+it is summed over ranks in one all-reduce and turned into means over the labelled samples. Per-task metrics are computed (and synchronised) by
 torchmetrics. Both are logged once per epoch as values already reduced over ranks.
 """
 
@@ -30,11 +31,17 @@ class EvalLosses:
     def reset(self) -> None:
         self._sums = None
 
-    def add(self, losses: Tensor, size: float, dataloader_idx: int, num_dataloaders: int) -> None:
-        """Add one batch's losses ``[T]`` (detached) of ``size`` samples from dataloader ``dataloader_idx``."""
+    def add(self, losses: Tensor, size: float | Tensor, dataloader_idx: int, num_dataloaders: int) -> None:
+        """Add one batch's mean losses ``[T]`` (detached) over ``size`` samples (a number, or ``[T]`` counts per
+        task) from dataloader ``dataloader_idx``."""
+        T = self.num_tasks
         sums = self._buffer(max(num_dataloaders, dataloader_idx + 1), losses.device)
-        sums[dataloader_idx, :-1] += losses.double() * size
-        sums[dataloader_idx, -1] += size
+        counts = (
+            size.double() if isinstance(size, Tensor) else torch.full((T,), float(size), dtype=torch.float64)
+        )
+        counts = counts.to(losses.device)
+        sums[dataloader_idx, :T] += torch.where(counts > 0, losses.double() * counts, 0.0)
+        sums[dataloader_idx, T:] += counts
 
     def means(
         self, trainer: pl.Trainer, num_dataloaders: int, device: torch.device
@@ -45,14 +52,16 @@ class EvalLosses:
         if trainer.world_size > 1:
             packed = trainer.strategy.reduce(packed.clone(), reduce_op="sum")
         self.reset()
-        counts = packed[:, -1].tolist()
-        means = [(i, (packed[i, :-1] / packed[i, -1]).float()) for i in range(len(counts)) if counts[i] > 0]
-        return len(counts), means
+        T = self.num_tasks
+        seen = (packed[:, T:] > 0).any(dim=1).tolist()
+        # a task with no labelled sample in a dataloader has no mean there: NaN, left out of the logs
+        means = [(i, (packed[i, :T] / packed[i, T:]).float()) for i in range(len(seen)) if seen[i]]
+        return len(seen), means
 
     def _buffer(self, rows: int, device: torch.device) -> Tensor:
         sums = self._sums
         if sums is None or sums.device != device or sums.shape[0] < rows:
-            grown = torch.zeros(rows, self.num_tasks + 1, dtype=torch.float64, device=device)
+            grown = torch.zeros(rows, 2 * self.num_tasks, dtype=torch.float64, device=device)
             if sums is not None:
                 grown[: sums.shape[0]] = sums.to(device)
             self._sums = sums = grown
@@ -91,11 +100,12 @@ def log_eval_losses(module: pl.LightningModule, losses: EvalLosses, stage: str) 
     names = module.task_names
     for idx, mean in means:
         suffix = f"/dataloader_idx_{idx}" if rows > 1 else ""
-        values = mean.unbind()
-        metrics = {f"{stage}/loss/{n}{suffix}": v for n, v in zip(names, values)}
-        metrics[f"{stage}/loss{suffix}"] = mean.sum()
+        labelled = [(n, v) for n, v, ok in zip(names, mean.unbind(), torch.isfinite(mean).tolist()) if ok]
+        values = [v for _, v in labelled]
+        metrics = {f"{stage}/loss/{n}{suffix}": v for n, v in labelled}
+        metrics[f"{stage}/loss{suffix}"] = torch.stack(values).sum() if values else mean.new_zeros(())
         log_reduced(module, metrics)
-        log_task_metrics(module, stage, {f"{n}/loss": v for n, v in zip(names, values)}, idx, suffix)
+        log_task_metrics(module, stage, {f"{n}/loss": v for n, v in labelled}, idx, suffix)
 
 
 def log_task_metrics(

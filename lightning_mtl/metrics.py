@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,8 @@ class TaskMetrics(nn.Module):
         from torchmetrics import MetricCollection
 
         self.task_names: tuple[str, ...] = tuple(t.name for t in tasks if t.metrics is not None)
+        #: tasks that may have no output in a batch (``Task(partial=True)``)
+        self.partial_tasks: frozenset[str] = frozenset(t.name for t in tasks if t.partial)
         #: ``"<task>/<metric>" -> True`` when higher is better
         self.higher_is_better: dict[str, bool] = {}
         self._metric_names: dict[str, tuple[str, ...]] = {}
@@ -182,6 +185,8 @@ class TaskMetrics(nn.Module):
                 f"{list(self.task_names)}. Add metrics=... to their Task or drop them from the outputs."
             )
         for i, name in enumerate(self.task_names):
+            if outputs.get(name) is None and name in self.partial_tasks:
+                continue  # a partial task without labels in this batch: nothing to update
             if name not in outputs:
                 raise KeyError(
                     f"task {name!r} declares metrics {list(self._metric_names[name])} but task_losses returned no "
@@ -209,7 +214,18 @@ class TaskMetrics(nn.Module):
         values: dict[str, Tensor] = {}
         for i, name in enumerate(self.task_names):
             collection = self._stage(stage, dataloader_idx)[_key(i)]
-            for metric, value in collection.compute().items():
+            if name in self.partial_tasks:  # possibly no labelled sample this epoch (on this rank or any)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                    computed = collection.compute()
+                computed = {
+                    m: v
+                    for m, v in computed.items()
+                    if not (isinstance(v, Tensor) and v.numel() == 1 and v.isnan())
+                }
+            else:
+                computed = collection.compute()
+            for metric, value in computed.items():
                 if not isinstance(value, Tensor) or value.numel() != 1:
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(

@@ -31,6 +31,7 @@ from lightning_mtl.evaluation import (
 from lightning_mtl.gradients.sharing import Sharing, describe_unreached, find_sharing
 from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
+from lightning_mtl.partial import MaskedMean, combine_over_ranks, unpack_partial
 from lightning_mtl.schedulers import (
     step_schedulers,
     wrap_configure_optimizers,
@@ -103,9 +104,9 @@ class MultiTaskModule(pl.LightningModule):
         self._shared_representation: Tensor | None = None  # set by shared_representation() in training
         # (batch, batch_idx, rank-averaged losses) of a window's last micro-batch, for on_post_step_losses
         self._post_step_input: tuple[Any, int, Tensor] | None = None
-        self._sharing: Sharing | None = (
-            None  # the shared parameters found on the first training step of a fit
-        )
+        self._sharing: Sharing | None = None  # the shared parameters found on the first step of a fit
+        self._partial = any(t.partial for t in self.tasks)  # partial labels (lightning_mtl.partial)
+        self._labelled: Tensor | None = None  # labelled samples per task over the ranks, this step
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -259,18 +260,34 @@ class MultiTaskModule(pl.LightningModule):
         self._shared_representation = None
         part_losses: list[Tensor] | None = None
         sizes: list[int] | None = None
+        counts: Tensor | None = None
         if strategy.batch_parts > 1:  # independent gradient samples (MoDo, SDMGrad)
             stacked, part_losses, sizes, outputs_list = self._part_losses(strategy, batch, batch_idx)
         else:
-            stacked, outputs = self._training_losses(batch, batch_idx)
+            stacked, outputs, counts = self._training_losses(batch, batch_idx)
             outputs_list = [outputs]
+        present: list[bool] | None = None
+        if counts is None:
+            global_losses = reduce_mean(trainer, stacked.detach())
+        else:  # partial labels: exact over ranks (lightning_mtl.partial)
+            stacked, global_losses, mean_counts = combine_over_ranks(trainer, stacked, counts)
+            self._labelled = mean_counts * trainer.world_size
+            present = self._present_tasks(strategy, mean_counts, batch_idx)
         detached = stacked.detach()
-        global_losses = reduce_mean(trainer, detached)
         self._nonfinite.check_losses(detached, global_losses, "training", batch_idx, self.current_epoch)
 
         if not self._nonfinite.window_discarded:
             ctx = StepContext(
-                self, stacked, global_losses, k, is_sync, position == 0, batch_idx, part_losses, sizes
+                self,
+                stacked,
+                global_losses,
+                k,
+                is_sync,
+                position == 0,
+                batch_idx,
+                part_losses,
+                sizes,
+                present,
             )
             # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
             if self.task_metrics is not None:
@@ -310,17 +327,23 @@ class MultiTaskModule(pl.LightningModule):
         part_losses, outputs_list = [], []
         for piece in pieces:
             self._shared_representation = None
-            losses, outputs = self._training_losses(piece, batch_idx)
+            losses, outputs, counts = self._training_losses(piece, batch_idx)
+            if counts is not None:
+                raise ValueError(
+                    f"{type(strategy).__name__} takes independent gradient samples from parts of the batch, which "
+                    "does not support partial labels yet (partial tasks or masked_mean losses): use another strategy."
+                )
             part_losses.append(losses)
             outputs_list.append(outputs)
         n = sum(sizes)
         stacked = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
         return stacked, part_losses, sizes, outputs_list
 
-    def _training_losses(self, batch: Any, batch_idx: int) -> tuple[Tensor, Any]:
+    def _training_losses(self, batch: Any, batch_idx: int) -> tuple[Tensor, Any, Tensor | None]:
         """``task_losses`` in training, with the architecture's representation marker installed: the stacked
-        losses ``[T]`` and the metric outputs. Finds the shared parameters on the first call of a fit when the
-        module does not declare them (:meth:`shared_parameters`)."""
+        losses ``[T]``, the metric outputs, and with partial labels the labelled counts ``[T]`` (the losses are
+        then the labelled totals; ``None`` otherwise). Finds the shared parameters on the first call of a fit when
+        the module does not declare them (:meth:`shared_parameters`)."""
         architecture = self.architecture
         marks = architecture is not None and architecture.representation_unsupported is None
         if marks:
@@ -330,10 +353,58 @@ class MultiTaskModule(pl.LightningModule):
         finally:
             if marks:
                 architecture.set_representation_marker(None)
-        stacked = self._stack_losses(losses, "training", training=True)
+        counts = None
+        if self._partial or _has_masked_mean(losses):
+            stacked, counts, losses = self._stack_partial(losses, "training", training=True)
+        else:
+            stacked = self._stack_losses(losses, "training", training=True)
         if self._sharing is None and self.finds_shared_parameters:
             self._find_sharing(losses)
-        return stacked, outputs
+        return stacked, outputs, counts
+
+    def _stack_partial(
+        self, losses: Any, stage: str, training: bool
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Partial labels: the labelled totals ``[T]`` (0 for an absent task), the counts ``[T]`` and the present
+        tasks' losses by name (:mod:`lightning_mtl.partial`)."""
+        values, absent, masked = unpack_partial(losses, self.tasks)
+        present = [n for n in self.task_names if n not in absent]
+        if present:
+            rows = dict(zip(present, stack_losses(values, present, self.device, stage, training).unbind()))
+            zero = next(iter(rows.values())).detach().new_zeros(())
+        else:  # nothing labelled here: a zero still attached to the model, so that every rank back-propagates
+            rows, zero = {}, self._attached_zero(training)
+        stacked = torch.stack([rows.get(n, zero) for n in self.task_names])
+        one = torch.ones((), device=stacked.device)
+        counts = torch.stack(
+            [
+                masked[n].to(stacked.device) if n in masked else (one if n in rows else one * 0)
+                for n in self.task_names
+            ]
+        )
+        return stacked, counts, {n: values[n] for n in present}
+
+    def _attached_zero(self, training: bool) -> Tensor:
+        params = [p for p in self.parameters() if p.requires_grad] if training else []
+        zero = torch.zeros((), device=self.device)
+        return sum((p.reshape(-1)[0].float() * 0.0 for p in params), zero)
+
+    def _present_tasks(self, strategy: MTLStrategy, mean_counts: Tensor, batch_idx: int) -> list[bool] | None:
+        """Which tasks are labelled on some rank this step; ``None`` when all are. A strategy that does not
+        handle absent tasks is a clear error."""
+        present = (mean_counts > 0).tolist()
+        if all(present):
+            return None
+        if not strategy.supports_absent_tasks:
+            absent = [n for n, ok in zip(self.task_names, present) if not ok]
+            from lightning_mtl.strategies.base import strategies_supporting_absent_tasks
+
+            raise ValueError(
+                f"Task(s) {absent} have no labelled sample on any rank at batch {batch_idx} (partial labels), and "
+                f"{type(strategy).__name__} does not handle absent tasks yet. Use one that does "
+                f"({', '.join(strategies_supporting_absent_tasks())}), or make sure every step labels every task."
+            )
+        return present
 
     def _find_sharing(self, losses: Mapping[str, Tensor]) -> None:
         sharing = find_sharing(self, losses)
@@ -453,6 +524,10 @@ class MultiTaskModule(pl.LightningModule):
             metrics.update(strategy.extra_metrics())
             if self._nonfinite.skipped:
                 metrics["train/skipped_steps"] = torch.tensor(float(self._nonfinite.skipped))
+            if self._labelled is not None:
+                metrics.update(
+                    {f"train/labelled/{n}": c for n, c in zip(self.task_names, self._labelled.unbind())}
+                )
         _lightning.write_step_metrics(self, metrics, to_loggers)
 
     # ================================================================== validation / test
@@ -474,13 +549,18 @@ class MultiTaskModule(pl.LightningModule):
         self, batch: Any, batch_idx: int, stage: str, dataloader_idx: int = 0
     ) -> Mapping[str, Tensor]:
         losses, outputs = split_task_output(self.task_losses(batch, batch_idx))
-        stacked = self._stack_losses(
-            losses, "validation" if stage == "val" else stage, training=False
-        ).detach()
+        name = "validation" if stage == "val" else stage
+        sizes: float | Tensor
+        if self._partial or _has_masked_mean(losses):  # mean over the labelled samples only
+            totals, sizes, _ = self._stack_partial(losses, name, training=False)
+            stacked = (totals / sizes.clamp_min(1)).detach()
+        else:
+            stacked = self._stack_losses(losses, name, training=False).detach()
+            sizes = float(batch_size(batch))
         if not self._nonfinite.check_losses(stacked, stacked, stage, batch_idx, self.current_epoch):
             return losses  # nonfinite='skip': left out of the epoch average
         count = num_eval_dataloaders(self._trainer, stage)
-        self._eval_losses.add(stacked, float(batch_size(batch)), dataloader_idx, count)
+        self._eval_losses.add(stacked, sizes, dataloader_idx, count)
         if self.task_metrics is not None:  # --- per-task metrics (lightning_mtl.metrics) ---
             self.task_metrics.update(stage, outputs, dataloader_idx)
         return losses
@@ -501,6 +581,10 @@ class MultiTaskModule(pl.LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         log_eval_losses(self, self._eval_losses, "test")
+
+
+def _has_masked_mean(losses: Any) -> bool:
+    return isinstance(losses, Mapping) and any(isinstance(v, MaskedMean) for v in losses.values())
 
 
 def _callbacks_with(trainer: Any, hook: str) -> list[Any]:

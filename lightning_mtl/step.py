@@ -43,6 +43,9 @@ class StepContext:
             the ``k`` disjoint parts of the batch (:func:`~lightning_mtl.batch_parts.split_batch`), attached to
             the graph; ``losses`` is then their mean weighted by :attr:`part_sizes`. ``None`` otherwise.
         part_sizes: the number of samples of each part (``None`` without parts).
+        present: with partial labels, which tasks are labelled on some rank this step (``[T]`` bools, identical
+            on every rank); ``None`` when every task is. An absent task's loss is 0 with no gradient: the strategy
+            gives it weight 0 and leaves its state for that task untouched.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class StepContext:
         batch_idx: int = 0,
         part_losses: list[Tensor] | None = None,
         part_sizes: list[int] | None = None,
+        present: list[bool] | None = None,
     ) -> None:
         self.module = module
         self.losses = losses
@@ -66,6 +70,14 @@ class StepContext:
         self.batch_idx = batch_idx
         self.part_losses = part_losses
         self.part_sizes = part_sizes
+        self.present = present
+
+    @property
+    def present_indices(self) -> list[int]:
+        """The indices of the tasks labelled this step (every task when :attr:`present` is ``None``)."""
+        if self.present is None:
+            return list(range(len(self.losses)))
+        return [i for i, ok in enumerate(self.present) if ok]
 
     @property
     def trainer(self) -> pl.Trainer:

@@ -31,6 +31,10 @@ class Task:
             :meth:`~lightning_mtl.MultiTaskModule.task_losses`).
         higher_is_better: per-metric override of the metric's own ``higher_is_better`` attribute, e.g.
             ``{"mae": False}``; required for a metric that does not declare it (Δm% needs every direction).
+        partial: the task is labelled on only some batches: ``task_losses`` may leave it out (or return
+            ``None``) on a batch without its labels, and the task is then absent for the step (weight 0, the
+            strategy's state for it untouched). Samples labelled within a batch: return
+            :func:`~lightning_mtl.masked_mean` (for any task). Undeclared tasks must be returned every step.
     """
 
     name: str
@@ -38,6 +42,7 @@ class Task:
     kind: TaskKind = "regression"
     metrics: Any = field(default=None, compare=False)
     higher_is_better: Mapping[str, bool] | None = field(default=None, compare=False)
+    partial: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _VALID_NAME.match(self.name):
@@ -47,6 +52,8 @@ class Task:
             )
         if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight < 0:
             raise ValueError(f"Task {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}.")
+        if not isinstance(self.partial, bool):
+            raise ValueError(f"Task {self.name!r}: partial must be True or False, got {self.partial!r}.")
         if self.kind not in ("regression", "classification"):
             raise ValueError(
                 f"Task {self.name!r}: kind must be 'regression' or 'classification', got {self.kind!r}."

@@ -81,6 +81,10 @@ class GradientWeighting(MTLStrategy):
     heads: Heads = "weighted"
     #: clip the total norm of the shared parameters' gradient to this value before each optimizer step
     max_norm: float | None = None
+    #: partial labels: the weights of a step with absent tasks are computed on the present tasks' rows only
+    #: (absent ones get 0), with the method's per-task state narrowed to them and written back
+    #: (:meth:`method_task_dims`); a stateful method without declared task dimensions sets it to ``False``
+    supports_absent_tasks = True
 
     def __init__(
         self,
@@ -110,6 +114,8 @@ class GradientWeighting(MTLStrategy):
         self._reset()
 
     def _reset(self) -> None:
+        self._window_present: list[bool] | None = None
+        self._narrow = False
         self._weights: Tensor | None = None
         self._since_update = 0
         self._random = SeededGenerator(self.seed)
@@ -142,6 +148,12 @@ class GradientWeighting(MTLStrategy):
         """Hyper-parameters that give :meth:`method_state` its meaning (checked on restore)."""
         return {}
 
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        """The task dimensions of each tensor of :meth:`method_state` (e.g. ``{"alpha": (0,)}``, ``(0, 1)`` for
+        a ``T × T`` matrix): how a step with absent tasks narrows the state to the present tasks and writes the
+        result back. Entries without task dimensions (counters) take the narrowed step's value."""
+        return {}
+
     @property
     def generator(self) -> torch.Generator:
         """CPU generator seeded with ``seed`` (default: the global seed), identical on every rank."""
@@ -170,13 +182,15 @@ class GradientWeighting(MTLStrategy):
         gradients = self._gradients
         if ctx.is_window_start:
             gradients.reset()
-            self._computing = self._weights is None or self._since_update >= self.update_every
+            self._computing = self._weights is None or self._since_update >= self.update_every or self._narrow
         if not self._computing:
             assert self._weights is not None
             gradients.backward_reusing(ctx, self._weights, self.heads, self.head_weights())
             self._clip_pending = ctx.is_sync_step
             return
         gradients.add(ctx)
+        # partial labels: a task is present in the window when one of its micro-batches labels it
+        self._window_present = _window_presence(self._window_present, ctx.present, ctx.is_window_start)
         if not ctx.is_sync_step:
             return
         stat = gradients.gramian(ctx) if self.needs == "gramian" else gradients.jacobian(ctx)
@@ -188,9 +202,14 @@ class GradientWeighting(MTLStrategy):
         self._clip_pending = True
 
     def _update(self, ctx: StepContext, stat: Tensor, losses: Tensor) -> Tensor:
-        weights = (
-            self.compute_weights(stat, losses).detach().to(device=ctx.losses.device, dtype=torch.float32)
-        )
+        present, self._window_present = self._window_present, None
+        # weights computed without some tasks are not reused (update_every): the next window recomputes them
+        self._narrow = present is not None and not all(present)
+        if not self._narrow:
+            weights = self.compute_weights(stat, losses)
+        else:
+            weights = self._present_weights(stat, losses, [i for i, ok in enumerate(present) if ok])
+        weights = weights.detach().to(device=ctx.losses.device, dtype=torch.float32)
         G = stat if self.needs == "gramian" else None
         if G is not None:
             self._metrics["train/grad/cos_min"] = cosine_min(G).float()
@@ -201,6 +220,30 @@ class GradientWeighting(MTLStrategy):
         else:
             self._weights = weights
         self._since_update = 0
+        return weights
+
+    def _present_weights(self, stat: Tensor, losses: Tensor, present: list[int]) -> Tensor:
+        """:meth:`compute_weights` on the present tasks only (partial labels): the method sees a problem of
+        ``len(present)`` tasks (their Gramian block or Jacobian rows, their losses, their state); the absent
+        tasks get weight 0 and keep their state."""
+        index = torch.tensor(present, device=stat.device)
+        sub = stat[index][:, index] if self.needs == "gramian" else stat[index]
+        full_state = dict(self.method_state())
+        dims = self.method_task_dims()
+        names, tasks = self._task_names, self._tasks
+        assert names is not None
+        try:
+            self._task_names = tuple(names[i] for i in present)
+            self._tasks = None if tasks is None else tuple(tasks[i] for i in present)
+            self.load_method_state(full_state, present) if full_state else None
+            sub_weights = self.compute_weights(sub, losses[index.to(losses.device)])
+            narrowed = dict(self.method_state())
+        finally:
+            self._task_names, self._tasks = names, tasks
+        if full_state:
+            self.load_method_state(_write_back(full_state, narrowed, dims, present), None)
+        weights = sub_weights.new_zeros(len(names))
+        weights[index.to(weights.device)] = sub_weights
         return weights
 
     def _warn_unreached(self, stat: Tensor, weights: Tensor) -> None:
@@ -279,3 +322,37 @@ class GradientWeighting(MTLStrategy):
         self._since_update = int(state.get("since_update", 0))
         self._random.load(state)
         self.load_method_state(state.get("method", {}), order)
+
+
+def _window_presence(window: list[bool] | None, present: list[bool] | None, start: bool) -> list[bool] | None:
+    """Which tasks an accumulation window labels so far (``None``: every task), after one more micro-batch."""
+    if start:
+        return None if present is None else list(present)
+    if window is None or present is None:
+        return None
+    return [a or b for a, b in zip(window, present)]
+
+
+def _write_back(
+    full: dict[str, Any], narrowed: dict[str, Any], dims: Mapping[str, tuple[int, ...]], present: list[int]
+) -> dict[str, Any]:
+    """``full`` with the present tasks' entries replaced by ``narrowed``'s (along each key's task ``dims``)."""
+    merged = dict(full)
+    for key, value in narrowed.items():
+        task_dims = dims.get(key, ())
+        old = full.get(key)
+        if not task_dims:
+            merged[key] = value  # no task dimension (a counter): the narrowed step's value
+            continue
+        if not isinstance(value, Tensor) or not isinstance(old, Tensor):
+            continue  # no full-size value to write into (e.g. no state yet): the absent tasks' stays as it was
+
+        out = old.clone()
+        index = torch.tensor(present, device=out.device)
+        grid = torch.meshgrid(*([index] * len(task_dims)), indexing="ij")
+        selector: list[Any] = [slice(None)] * out.dim()
+        for d, g in zip(task_dims, grid):
+            selector[d] = g
+        out[tuple(selector)] = value.to(out)
+        merged[key] = out
+    return merged

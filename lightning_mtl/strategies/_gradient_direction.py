@@ -58,6 +58,8 @@ class GradientDirection(GradientWeighting):
     """
 
     needs = "jacobian"
+    #: partial labels: not yet (the directions are built from per-task state of every task)
+    supports_absent_tasks = False
 
     def __init__(
         self, *, sync: SyncMode = "exact", jacobian: JacobianMethod = "auto", seed: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_mtl.strategies.base import MTLStrategy, StepContext
@@ -24,9 +25,22 @@ class LossWeighting(MTLStrategy):
         """Weights ``[T]`` for this step from the rank-averaged detached losses ``[T]``."""
         raise NotImplementedError
 
+    def compute_present_weights(self, losses: Tensor, present: list[bool]) -> Tensor:
+        """Weights ``[T]`` for a step with absent tasks (partial labels; ``present[i]`` is ``False`` for them,
+        whose losses are 0): 0 for the absent tasks, their state untouched. The default, for methods whose
+        weights do not depend on the other tasks' losses nor on state (equal, static), zeroes the absent tasks'
+        weights of :meth:`compute_weights`; a strategy that sets ``supports_absent_tasks = True`` otherwise
+        overrides it."""
+        weights = self.compute_weights(losses)
+        return weights * torch.tensor(present, dtype=weights.dtype, device=weights.device)
+
     def backward(self, ctx: StepContext) -> None:
         stacked = ctx.losses
-        weights = self.compute_weights(ctx.global_losses).to(device=stacked.device, dtype=stacked.dtype)
+        if ctx.present is None:
+            weights = self.compute_weights(ctx.global_losses)
+        else:
+            weights = self.compute_present_weights(ctx.global_losses, ctx.present)
+        weights = weights.to(device=stacked.device, dtype=stacked.dtype)
         ctx.backward((weights * stacked).sum())
         self._weights = weights
 

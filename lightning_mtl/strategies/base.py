@@ -110,6 +110,10 @@ class MTLStrategy(Callback):
     #: ``ctx.part_losses`` (``ctx.losses`` is their size-weighted mean, the whole batch's mean loss).
     batch_parts: int = 1
 
+    #: Whether the strategy handles tasks absent from a step (partial labels, ``ctx.present``): weight 0 for
+    #: them, and their state untouched. A module whose step has an absent task refuses a strategy without it.
+    supports_absent_tasks: bool = False
+
     def on_post_step_losses(
         self, module: pl.LightningModule, losses_before: Tensor, losses_after: Tensor
     ) -> None:
@@ -209,6 +213,13 @@ class MTLStrategy(Callback):
             f"restored by position, assuming the module's tasks {tasks} are those of the run that wrote it, "
             "in the same order. Save a new checkpoint to store the task names."
         )
+
+
+def strategies_supporting_absent_tasks() -> list[str]:
+    """The names of the built-in strategies that handle absent tasks (partial labels)."""
+    from lightning_mtl.cli.registry import available_strategies
+
+    return sorted(n for n, cls in available_strategies().items() if cls.supports_absent_tasks)
 
 
 def check_single_strategy(trainer: pl.Trainer) -> MTLStrategy | None:

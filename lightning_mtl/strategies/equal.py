@@ -16,6 +16,9 @@ class EqualWeighting(LossWeighting):
     No hyper-parameters.
     """
 
+    #: partial labels: an absent task gets weight 0 (the others keep theirs)
+    supports_absent_tasks = True
+
     def compute_weights(self, losses: Tensor) -> Tensor:
         return losses.new_ones(losses.shape)
 

@@ -74,6 +74,9 @@ class ExcessMTL(GradientWeighting):
         seed: unused (the method draws no random numbers); accepted for the common signature.
     """
 
+    #: partial labels: not yet (its per-task statistics have no narrowing)
+    supports_absent_tasks = False
+
     needs = "jacobian"
 
     def __init__(

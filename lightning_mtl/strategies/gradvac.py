@@ -34,6 +34,9 @@ class GradVac(GradientWeighting):
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
 
+    #: partial labels: not yet (its per-task state has no narrowing)
+    supports_absent_tasks = False
+
     random = True
     heads = "plain"
 

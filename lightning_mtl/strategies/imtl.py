@@ -219,6 +219,9 @@ class IMTL(_LearnedLogScales, GradientWeighting):
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
 
+    #: partial labels: not yet (its per-task state has no narrowing)
+    supports_absent_tasks = False
+
     heads = "plain"  # overridden by head_weights(): the heads get e^{sᵢ}∇Lᵢ
 
     def __init__(

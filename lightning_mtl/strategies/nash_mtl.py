@@ -99,6 +99,9 @@ class NashMTL(GradientWeighting):
         computed and used, not what it means."""
         return {}
 
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        return {"alpha": (0,)}
+
     def method_state(self) -> dict[str, Any]:
         return {"alpha": None if self._alpha is None else self._alpha.clone(), "failures": self._failures}
 

@@ -18,6 +18,9 @@ class StaticWeighting(LossWeighting):
             default) takes each :attr:`Task.weight`. Weights must be finite, ``>= 0`` and not all zero.
     """
 
+    #: partial labels: an absent task gets weight 0 (the others keep theirs)
+    supports_absent_tasks = True
+
     def __init__(self, weights: Mapping[str, float] | Sequence[float] | None = None) -> None:
         super().__init__()
         if weights is not None:

@@ -6,6 +6,8 @@ return the update ``[P]``, and the Gramian-expressible ones also expose ``<name>
 :func:`cosine_min` read the task gradients' cosines from it.
 """
 
+from lightning_mtl.functional.dbmtl import DBMTLResult, DBMTLState, dbmtl_step, log_loss_jacobian
+from lightning_mtl.functional.excess_mtl import ExcessMTLResult, ExcessMTLState, excess_mtl_step, excess_risks
 from lightning_mtl.functional.famo import (
     famo_effective_weights,
     famo_logits_grad,
@@ -21,6 +23,13 @@ from lightning_mtl.functional.gradnorm import (
     inverse_training_rates,
     renormalize_weights,
 )
+from lightning_mtl.functional.log_losses import (
+    logse_loss,
+    logse_weights,
+    scale_invariant_loss,
+    scale_invariant_weights,
+    uncertainty_optimal_log_variances,
+)
 from lightning_mtl.functional.loss_weighting import (
     dwa_weights,
     gls_loss,
@@ -32,6 +41,13 @@ from lightning_mtl.functional.loss_weighting import (
     uncertainty_objective,
     uncertainty_objective_grad,
     uncertainty_weights,
+)
+from lightning_mtl.functional.moco import (
+    MoCoResult,
+    MoCoState,
+    loss_norm_gradients,
+    moco_step,
+    project_simplex,
 )
 from lightning_mtl.functional.slaw_stch import (
     cap_weights,
@@ -45,6 +61,24 @@ from lightning_mtl.functional.slaw_stch import (
 
 __all__ = [
     *_gradient_all,
+    "DBMTLResult",
+    "DBMTLState",
+    "ExcessMTLResult",
+    "ExcessMTLState",
+    "MoCoResult",
+    "MoCoState",
+    "dbmtl_step",
+    "excess_mtl_step",
+    "excess_risks",
+    "log_loss_jacobian",
+    "logse_loss",
+    "logse_weights",
+    "loss_norm_gradients",
+    "moco_step",
+    "project_simplex",
+    "scale_invariant_loss",
+    "scale_invariant_weights",
+    "uncertainty_optimal_log_variances",
     "dwa_weights",
     "famo_effective_weights",
     "famo_logits_grad",

@@ -87,50 +87,64 @@ class _BatchKPI:
         self.tasks = tuple(tasks)
         self.metric_names = tuple(metric_names)
         self._before: list[list[dict[str, Any]]] | None = None
-        self._probes: list[Metric] | None = None
+        # per task: its probe and the (train metric, probe) pairs of every (sub-)metric holding states; built
+        # once per TaskMetrics object (the module's metric objects persist; only their states change)
+        self._owner: Any = None
+        self._probes: list[Metric] = []
+        self._pairs: list[list[tuple[Metric, Metric]]] = []
 
-    def _metrics(self, module: pl.LightningModule) -> list[Metric]:
+    def _bound(self, module: pl.LightningModule) -> list[list[tuple[Metric, Metric]]]:
         task_metrics = getattr(module, "task_metrics", None)
         if task_metrics is None:
             raise RuntimeError("DTP: the module keeps no task metrics; DTP needs one KPI metric per task.")
-        return [
-            task_metrics.collection("train", task).__getitem__(name, copy_state=False)
-            for task, name in zip(self.tasks, self.metric_names)
-        ]
+        if task_metrics is not self._owner:
+            metrics = [
+                task_metrics.collection("train", task).__getitem__(name, copy_state=False)
+                for task, name in zip(self.tasks, self.metric_names)
+            ]
+            self._probes = [metric.clone() for metric in metrics]
+            self._pairs = [
+                list(zip(_metric_states(metric), _metric_states(probe)))
+                for metric, probe in zip(metrics, self._probes)
+            ]
+            self._owner = task_metrics
+        return self._pairs
 
     def snapshot(self, module: pl.LightningModule) -> None:
-        """Copy the KPI metrics' states before the batch updates them."""
+        """Copy the KPI metrics' states before the batch updates them (a list state: its length)."""
         self._before = [
             [
                 {
                     state: value.detach().clone() if isinstance(value, Tensor) else len(value)
-                    for state, value in ((s, getattr(m, s)) for s in m._defaults)
+                    for state, value in ((s, getattr(source, s)) for s in source._defaults)
                 }
-                for m in _metric_states(metric)
+                for source, _ in pairs
             ]
-            for metric in self._metrics(module)
+            for pairs in self._bound(module)
         ]
 
     def reset(self) -> None:
         self._before = None
-        self._probes = None
+        self._owner = None
+        self._probes, self._pairs = [], []
 
     def read(self, module: pl.LightningModule) -> Tensor:
-        """The KPIs ``[T]`` (float64) of the batch whose update happened since :meth:`snapshot`."""
+        """The KPIs ``[T]`` (float64) of the batch whose update happened since :meth:`snapshot`.
+
+        (A collection member that shares its state with others, torchmetrics' compute groups, holds references
+        to the group's states again after every ``MetricCollection.update``, so its states are the batch's.)
+        """
         if self._before is None:
             raise RuntimeError(
                 "DTP: no metric state was recorded before this training batch (on_train_batch_start did not run); "
                 "DTP must be attached to the Trainer as a callback, Trainer(callbacks=[DTP(...)])."
             )
-        metrics = self._metrics(module)
-        if self._probes is None:
-            self._probes = [metric.clone() for metric in metrics]
         summed: list[
             tuple[Metric, str, Tensor]
         ] = []  # (probe's metric, state, batch part) to all-reduce by hand
-        for metric, probe, before in zip(metrics, self._probes, self._before):
+        for pairs, before in zip(self._bound(module), self._before):
             has_list = any(isinstance(old, int) for saved in before for old in saved.values())
-            for source, target, saved in zip(_metric_states(metric), _metric_states(probe), before):
+            for (source, target), saved in zip(pairs, before):
                 for state, old in saved.items():
                     new = getattr(source, state)
                     if isinstance(new, Tensor):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 TaskKind = Literal["regression", "classification"]
+TaskRole = Literal["main", "auxiliary"]
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -35,6 +36,12 @@ class Task:
             ``None``) on a batch without its labels, and the task is then absent for the step (weight 0, the
             strategy's state for it untouched). Samples labelled within a batch: return
             :func:`~lightning_mtl.masked_mean` (for any task). Undeclared tasks must be returned every step.
+        role: ``"main"`` (default) or ``"auxiliary"``. An auxiliary task is trained (its loss reaches the
+            strategy like any other) but is not a result: Δm% (:class:`~lightning_mtl.callbacks.DeltaM`),
+            :class:`~lightning_mtl.callbacks.MTLSummary` and ``lightning-mtl compare``'s table use the main tasks
+            only, and :class:`~lightning_mtl.callbacks.TaskAffinity` reports auxiliary → main affinity. The
+            auxiliary-learning strategies (``GCS``, ``OLAUX``, ``HydaLearn``) weight auxiliary tasks by how much they
+            help the main ones. A model needs at least one main task.
     """
 
     name: str
@@ -43,6 +50,7 @@ class Task:
     metrics: Any = field(default=None, compare=False)
     higher_is_better: Mapping[str, bool] | None = field(default=None, compare=False)
     partial: bool = False
+    role: TaskRole = "main"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _VALID_NAME.match(self.name):
@@ -54,6 +62,11 @@ class Task:
             raise ValueError(f"Task {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}.")
         if not isinstance(self.partial, bool):
             raise ValueError(f"Task {self.name!r}: partial must be True or False, got {self.partial!r}.")
+        if self.role not in ("main", "auxiliary"):
+            raise ValueError(
+                f"Task {self.name!r}: role must be 'main' or 'auxiliary', got {self.role!r}. An auxiliary task is "
+                "trained but not reported as a result (Task(name, role='auxiliary'))."
+            )
         if self.kind not in ("regression", "classification"):
             raise ValueError(
                 f"Task {self.name!r}: kind must be 'regression' or 'classification', got {self.kind!r}."
@@ -91,4 +104,19 @@ def build_tasks(tasks: Sequence[str | Task]) -> tuple[Task, ...]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"Task names must be unique; duplicated: {duplicates}.")
+    if all(t.role == "auxiliary" for t in built):
+        raise ValueError(
+            f"Every task is auxiliary ({names}): a model needs at least one main task, the one(s) its results are "
+            "reported on. Declare it with Task(name) or Task(name, role='main')."
+        )
     return tuple(built)
+
+
+def main_task_names(tasks: Sequence[Any]) -> tuple[str, ...]:
+    """Names of the main tasks among ``tasks`` (:class:`Task` objects; a plain name counts as a main task)."""
+    return tuple(t if isinstance(t, str) else t.name for t in tasks if getattr(t, "role", "main") == "main")
+
+
+def auxiliary_task_names(tasks: Sequence[Any]) -> tuple[str, ...]:
+    """Names of the auxiliary tasks among ``tasks`` (:class:`Task` objects)."""
+    return tuple(t.name for t in tasks if getattr(t, "role", "main") == "auxiliary")

@@ -195,10 +195,11 @@ class _BatchKPI:
 
 class DTP(LossWeighting):
     """Dynamic Task Prioritization: Guo, Haque, Huang, Yeung & Fei-Fei, "Dynamic Task Prioritization for
-    Multitask Learning", ECCV 2018 (LNCS 11220, pp. 282–299, doi:10.1007/978-3-030-01270-0_17; not on arXiv).
-    The paper's full text was not reachable when this was written: the rule below follows its published
-    summary (task-level focal loss on a moving average of a KPI), and its equation numbers and default
-    hyper-parameters are **not verified** (see ``alpha`` and ``gamma``).
+    Multitask Learning", ECCV 2018 (doi:10.1007/978-3-030-01270-0_17). The paper's method section was not
+    reachable when this was written: the rule below is its task-level prioritisation as secondary sources state
+    it (a focal loss ``FL(κ̄ₜ; γₜ)`` of a moving average ``κ̄ₜ`` of each task's KPI, weighting the task losses,
+    ``L = Σₜ FL(κ̄ₜ; γₜ)·Lₜ``); the paper's equation numbers and default hyper-parameters are **not verified**
+    (see ``alpha`` and ``gamma``).
 
     Each task declares a *key performance indicator* ``κᵢ ∈ [0, 1]``, higher is better (accuracy, precision,
     IoU, average precision): one of its torchmetrics metrics (``Task(name, metrics=...)``), named in ``kpi``.
@@ -208,7 +209,7 @@ class DTP(LossWeighting):
     - task-level focal weights ``wᵢ = FL(κ̄ᵢ; γᵢ) = −(1 − κ̄ᵢ)^γᵢ · log κ̄ᵢ``, with ``κ̄ᵢ`` clamped into
       ``[ε, 1 − ε]``: a task that performs worse gets a larger weight, one near ``κ = 1`` a weight near 0;
     - the update is ``∇ Σᵢ wᵢLᵢ`` (weights detached; **no normalisation**: the weights do not sum to T, so the
-      effective learning rate changes with them, as in the paper). LibMTL has no DTP to compare with.
+      effective learning rate changes with them). Neither LibMTL nor TorchJD 0.18 has DTP to compare with.
 
     Conventions (choices of this implementation):
 

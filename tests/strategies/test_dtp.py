@@ -169,6 +169,9 @@ def test_three_steps_by_hand():
     )
     torch.testing.assert_close(s._kpi_ema, torch.tensor([0.35, 0.85], dtype=torch.float64))
     assert s._count == 3
+    logged = s.extra_metrics()  # the averages are logged at logging steps
+    assert sorted(logged) == ["train/dtp/kpi/a", "train/dtp/kpi/b"]
+    assert float(logged["train/dtp/kpi/a"]) == pytest.approx(0.35)
     # the next weights, from (0.35, 0.85), put the lagging task first
     w4 = s.step_weights(torch.tensor([0.5, 0.5]))
     assert w4.tolist() == pytest.approx([fl(0.35, 2), fl(0.85, 2)])
@@ -182,7 +185,7 @@ def test_per_task_gamma_and_the_functional_loss():
     losses = torch.tensor([2.0, 5.0], requires_grad=True)
     total = dtp_loss(losses, torch.tensor([0.4, 0.4]), torch.tensor([0.0, 3.0]))
     total.backward()
-    assert float(total) == pytest.approx(2 * -math.log(0.4) + 5 * fl(0.4, 3), rel=1e-6)
+    assert float(total.detach()) == pytest.approx(2 * -math.log(0.4) + 5 * fl(0.4, 3), rel=1e-6)
     assert losses.grad.tolist() == pytest.approx([-math.log(0.4), fl(0.4, 3)], rel=1e-6)
 
 

@@ -12,11 +12,12 @@ batches are keyed by task too.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import math
 import os
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -60,18 +61,26 @@ class _PassSampler(Sampler):
 class _Prepared:
     """A task's loader as iterated on this rank: the rebuilt loader (``pass_sampler`` set) or the user's own."""
 
-    def __init__(self, loader: DataLoader, pass_sampler: _PassSampler | None) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        pass_sampler: _PassSampler | None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.loader = loader
         self.pass_sampler = pass_sampler
+        self.generator = generator  # the rebuilt loader's own (worker base seeds), reseeded every pass
         self.length = len(loader)
 
-    def open(self, pass_index: int, skip: int) -> Iterator[Any]:
-        """An iterator over pass ``pass_index`` of the loader, from batch ``skip`` on."""
+    def open(self, key: int, skip: int) -> Iterator[Any]:
+        """An iterator over the pass whose seed is ``key``, from batch ``skip`` on."""
         if self.pass_sampler is not None:
-            self.pass_sampler.pass_index = pass_index
+            self.pass_sampler.pass_index = key
             self.pass_sampler.skip = skip
+            if self.generator is not None:
+                self.generator.manual_seed(key)
             return iter(self.loader)
-        _set_epoch(self.loader, pass_index)
+        _set_epoch(self.loader, key)
         iterator = iter(self.loader)
         for _ in range(skip):  # a loader used as given: skipping means loading the skipped batches
             next(iterator)
@@ -106,26 +115,34 @@ class MultiTaskLoader:
         use_distributed_sampler: rebuild each plain loader over a seeded sampler (below). ``False``: the loaders
             are iterated as given (no sharding under DDP; set ``Trainer(use_distributed_sampler=False)`` too).
 
+    **Epochs.** Each epoch starts afresh: the draws of epoch ``e`` come from a generator seeded from
+    ``(seed, e)`` and every task starts a new pass at the epoch's start (as Lightning's ``CombinedLoader`` restarts
+    its loaders), so an epoch's sequence is a function of ``(seed, e)`` alone. ``e`` is the Trainer's epoch:
+    Lightning's fit loop calls ``set_epoch`` on each train loader's ``sampler`` at every epoch start, and this
+    loader's :attr:`sampler` passes it on (:meth:`set_epoch`); used without Lightning, each new iteration is the
+    next epoch.
+
     **Sampling within a task.** Each loader whose sampler is the default one (``shuffle=True`` or ``False``) is
     rebuilt (same dataset, batch size, ``drop_last``, ``collate_fn``, workers) over a
-    ``DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=<the loader's shuffle>,
-    seed=seed + crc32(task))``, with one process too. Every pass over a task (each cycle) calls ``set_epoch`` with
-    the task's pass count, so each pass is a new permutation, reproducible from ``seed`` alone (the loader's own
-    ``generator`` is not used); the ranks see disjoint shards of it (padded to equal length, as Lightning's
-    sampler). A task's passes run across epoch boundaries: an epoch that ends mid-pass continues that pass in the
-    next epoch. Loaders with another sampler or batch sampler, or a ``DataLoader`` subclass, are used as given
-    (``set_epoch(pass)`` is called on a sampler that has it); under DDP they must shard themselves (a
-    ``DistributedSampler``) or an error is raised. Lightning only injects samplers into the loaders it sees, which
-    here is none: this loader does the sharding.
+    ``DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=<the loader's shuffle>)``, with one
+    process too. Before every pass over a task (each cycle), ``set_epoch`` receives a number derived from
+    ``(seed, task, epoch, pass)``: each pass is a new permutation, reproducible from ``seed`` alone and different
+    between tasks (the loader's own ``generator`` is not used for it), and the ranks see disjoint shards of it
+    (padded to equal length, as with Lightning's sampler). The rebuilt loader gets its own generator, reseeded
+    every pass, for its workers' base seed: iterating never touches the global RNG. Loaders with another
+    sampler or batch sampler, or a ``DataLoader`` subclass, are used as given (``set_epoch`` is called on a
+    sampler that has it); under DDP they must shard themselves (a ``DistributedSampler``) or an error is raised.
+    Lightning only injects samplers into the loaders it sees, which here is none: this loader does the sharding.
 
     **Determinism and resume.** The draw uses its own ``torch.Generator`` (never the global RNG), seeded
     identically on every rank, so every rank draws the same tasks each step. :meth:`state_dict` holds the
-    generator's state, the epoch, the position within it, and each task's pass and position within the pass;
-    Lightning's fit loop saves it in checkpoints (``loops.fit_loop.state_dict.combined_loader``) and loads it
-    before the loader is iterated on resume, so a run resumed mid-epoch or at an epoch end continues the same
-    sequence of draws and batches. Resume with the same number of processes (positions are per rank).
-    ``Trainer(limit_train_batches=...)`` cuts an epoch short without telling the loader, so an epoch-end
-    checkpoint of a cut epoch resumes the rest of that epoch: use ``steps_per_epoch`` instead.
+    generator's state, the epoch, the position within it, and each task's pass and position within the pass
+    (tensors and primitives). Lightning's fit loop saves it in every checkpoint
+    (``loops.fit_loop.state_dict.combined_loader``) and, on a resume mid-epoch, loads it before the loader is
+    iterated: the run continues the same sequence of draws and batches (the skipped batches of a rebuilt loader
+    are skipped as indices, not loaded). On a resume from an epoch-end checkpoint Lightning does not load loader
+    states; the next epoch then starts from ``(seed, epoch)`` as it would have. Resume with the same number of
+    processes (positions are per-rank batch counts) and the same loaders and arguments (checked).
 
     Not supported: iterable-style datasets (no length, no sampler to shard or resume).
     """
@@ -195,11 +212,12 @@ class MultiTaskLoader:
         self._generator: torch.Generator | None = None
         self._epoch = -1  # index of the current epoch; -1 before the first
         self._position = 0  # steps yielded in the current epoch
-        self._pass_index = dict.fromkeys(self.tasks, -1)  # each task's current pass (-1: none started)
+        self._pass_index = dict.fromkeys(self.tasks, -1)  # each task's pass within the epoch (-1: none yet)
         self._pass_position = dict.fromkeys(self.tasks, 0)  # batches taken from the current pass
         self._world: tuple[int, int] | None = None  # (world size, rank) the state's positions refer to
         self._world_prepared: tuple[int, int] | None = None
         self._resume = False  # a loaded state: the next __iter__ continues its epoch
+        self._requested_epoch: int | None = None  # set_epoch()
         # --- runtime ---
         self._prepared: dict[str, _Prepared] | None = None
         self._iterators: dict[str, Iterator[Any]] = {}
@@ -234,28 +252,56 @@ class MultiTaskLoader:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # the epoch starts at the iterator's first next(), not here: Lightning calls iter() once just to check
+        # that the loader is iterable
+        return _EpochIterator(self)
+
+    def _start(self) -> tuple[int, int]:
+        """Start an epoch (or continue a loaded one); returns the new iterator's token and the epoch length."""
         self._prepare()
         length = len(self)
-        if not (self._resume and self._epoch >= 0 and self._position < length):
-            self._epoch += 1
-            self._position = 0
+        requested = self._requested_epoch
+        resume = (  # a loaded mid-epoch state, for the epoch the Trainer is in
+            self._resume
+            and 0 <= self._position < length
+            and self._generator is not None
+            and requested in (None, self._epoch)
+        )
+        if not resume:
+            self._begin_epoch(requested if requested is not None else self._epoch + 1)
         self._resume = False
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self._resolved_seed())
+        self._requested_epoch = None
         self._token += 1
-        return _EpochIterator(self, self._token, length)
+        return self._token, length
+
+    def _begin_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` from its start: a function of (seed, epoch) only, so it needs no saved state."""
+        self._epoch = epoch
+        self._position = 0
+        self._generator = torch.Generator().manual_seed(_mix(self._resolved_seed(), "draws", epoch))
+        self._pass_index = dict.fromkeys(self.tasks, -1)
+        self._pass_position = dict.fromkeys(self.tasks, 0)
+        self._iterators = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The index of the next epoch to start (Lightning calls it at every epoch start through
+        ``loader.sampler.set_epoch``, as for a DistributedSampler; a loaded mid-epoch state takes precedence)."""
+        self._requested_epoch = int(epoch)
+
+    @property
+    def sampler(self) -> _EpochSignal:
+        """Lets Lightning's fit loop, which calls ``set_epoch(epoch)`` on each train loader's ``sampler`` at every
+        epoch start, tell this loader the Trainer's epoch (see :meth:`set_epoch`)."""
+        return _EpochSignal(self)
 
     def _next(self, token: int, length: int) -> dict[str, Any]:
         if token != self._token:
             raise RuntimeError(
-                "MultiTaskLoader: this iterator is stale (the loader was iterated again since)."
+                "MultiTaskLoader: this iterator is stale (another iteration of the loader has started since)."
             )
         if self._position >= length:
             raise StopIteration
-        if self.mode == "joint":
-            tasks = self.tasks
-        else:
-            tasks = self._draw()
+        tasks = self.tasks if self.mode == "joint" else self._draw()
         batch = {t: self._next_batch(t) for t in tasks}
         self._position += 1
         return batch
@@ -293,7 +339,8 @@ class MultiTaskLoader:
     def _open(self, task: str, index: int, position: int) -> Iterator[Any]:
         self._pass_index[task] = index
         self._pass_position[task] = position
-        iterator = self._prepare()[task].open(index, position)
+        key = _mix(self._resolved_seed(), "pass", task, self._epoch, index)
+        iterator = self._prepare()[task].open(key, position)
         self._iterators[task] = iterator
         return iterator
 
@@ -413,20 +460,27 @@ class MultiTaskLoader:
             self._generator.set_state(generator_state)
 
 
-class _EpochIterator(Iterator[dict[str, Any]]):
-    def __init__(self, owner: MultiTaskLoader, token: int, length: int) -> None:
+class _EpochSignal:
+    def __init__(self, owner: MultiTaskLoader) -> None:
         self.owner = owner
-        self.token = token
-        self.length = length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
+class _EpochIterator(Iterator[dict[str, Any]]):
+    def __init__(self, owner: MultiTaskLoader) -> None:
+        self.owner = owner
+        self.token: int | None = None
+        self.length = 0
 
     def __next__(self) -> dict[str, Any]:
+        if self.token is None:
+            self.token, self.length = self.owner._start()
         return self.owner._next(self.token, self.length)
 
     def __iter__(self) -> _EpochIterator:
         return self
-
-    def __len__(self) -> int:
-        return self.length
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -550,6 +604,12 @@ def _probabilities(weights: list[float], temperature: float) -> torch.Tensor:
     return torch.softmax(logits, 0)
 
 
+def _mix(*parts: Any) -> int:
+    """A 62-bit seed from ``parts`` (stable across processes and Python runs, unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
 def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -594,17 +654,25 @@ def _prepare_loader(
                 "processes. Give it a DistributedSampler yourself, or build it with shuffle=True/False."
             )
         return _Prepared(dl, None)
-    task_seed = seed + zlib.crc32(task.encode())
-    seeded = DistributedSampler(
-        dl.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=task_seed
-    )
+    # seed 0: a pass's permutation is set by set_epoch(<the pass's key, from seed, task, epoch and pass>)
+    seeded = DistributedSampler(dl.dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=0)
+    # the DataLoader draws its workers' base seed from its generator (the global RNG when it has none): give it
+    # one, reseeded every pass, so that iterating never touches the global RNG and worker seeds are reproducible
+    generator = torch.Generator() if dl.generator is None else None
+    options: dict[str, Any] = {} if generator is None else {"generator": generator}
+    if (
+        int(os.environ.get("PL_SEED_WORKERS", 0)) and dl.worker_init_fn is None
+    ):  # seed_everything(workers=True)
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        options["worker_init_fn"] = functools.partial(pl_worker_init_function, rank=rank)
     if dl.batch_sampler is not None:
         pass_sampler = _PassSampler(BatchSampler(seeded, dl.batch_size, dl.drop_last), seeded)  # type: ignore[arg-type]
-        rebuilt = _rebuild(dl, batch_sampler=pass_sampler)
+        rebuilt = _rebuild(dl, batch_sampler=pass_sampler, **options)
     else:  # no automatic batching: the sampler yields single indices
         pass_sampler = _PassSampler(seeded, seeded)
-        rebuilt = _rebuild(dl, batch_size=None, sampler=pass_sampler)
-    return _Prepared(rebuilt, pass_sampler)
+        rebuilt = _rebuild(dl, batch_size=None, sampler=pass_sampler, **options)
+    return _Prepared(rebuilt, pass_sampler, generator)
 
 
 def _rebuild(dl: DataLoader, collate_fn: Any = None, **kwargs: Any) -> DataLoader:
@@ -614,9 +682,9 @@ def _rebuild(dl: DataLoader, collate_fn: Any = None, **kwargs: Any) -> DataLoade
         "collate_fn": collate_fn if collate_fn is not None else dl.collate_fn,
         "pin_memory": dl.pin_memory,
         "timeout": dl.timeout,
-        "worker_init_fn": dl.worker_init_fn,
+        "worker_init_fn": kwargs.pop("worker_init_fn", dl.worker_init_fn),
         "multiprocessing_context": dl.multiprocessing_context,
-        "generator": dl.generator,
+        "generator": kwargs.pop("generator", dl.generator),
         "prefetch_factor": dl.prefetch_factor,
         "persistent_workers": dl.persistent_workers,
         "pin_memory_device": dl.pin_memory_device,

@@ -14,7 +14,7 @@ Every data set is deterministic (fixed generation and split seeds), so runs diff
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +26,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mtl.module import MultiTaskModule
 from lightning_mtl.task import Task
 
-__all__ = ["DATASETS", "BuiltinDataModule", "MLPMultiTask", "MultiTaskData", "TaskSpec", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "ArchitectureMultiTask",
+    "BuiltinDataModule",
+    "MLPMultiTask",
+    "MultiTaskData",
+    "TaskSpec",
+    "load_dataset",
+    "spec_losses",
+]
 
 TaskType = Literal["regression", "binary", "multiclass"]
 
@@ -213,23 +222,79 @@ class MLPMultiTask(MultiTaskModule):
         mark = getattr(self, "shared_representation", None)  # lets representation-mode strategies find z
         if mark is not None:
             z = mark(z)
-        losses, outputs = {}, {}
-        for spec, column in zip(self.specs, self.columns):
-            out = self.heads[spec.name](z)
-            target = y[:, column]
-            if spec.type == "multiclass":
-                labels = target.long()
-                losses[spec.name] = nn.functional.cross_entropy(out, labels)
-                outputs[spec.name] = (out, labels)
-            elif spec.type == "binary":
-                logit = out.squeeze(1)
-                losses[spec.name] = nn.functional.binary_cross_entropy_with_logits(logit, target)
-                outputs[spec.name] = (torch.sigmoid(logit), target.long())
-            else:
-                pred = out.squeeze(1)
-                losses[spec.name] = nn.functional.mse_loss(pred, target)
-                outputs[spec.name] = (pred, target)
-        return losses, outputs
+        return spec_losses(self.specs, self.columns, {s.name: self.heads[s.name](z) for s in self.specs}, y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def spec_losses(
+    specs: Sequence[TaskSpec], columns: Sequence[int], outputs: Mapping[str, Tensor], y: Tensor
+) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """The losses and metric outputs of a built-in data set's tasks from the model's raw outputs ``{task: [B, out]}``:
+    cross-entropy (multi-class), binary cross-entropy with logits (binary), MSE (regression)."""
+    losses, pairs = {}, {}
+    for spec, column in zip(specs, columns):
+        out = outputs[spec.name]
+        target = y[:, column]
+        if spec.type == "multiclass":
+            labels = target.long()
+            losses[spec.name] = nn.functional.cross_entropy(out, labels)
+            pairs[spec.name] = (out, labels)
+        elif spec.type == "binary":
+            logit = out.squeeze(1)
+            losses[spec.name] = nn.functional.binary_cross_entropy_with_logits(logit, target)
+            pairs[spec.name] = (torch.sigmoid(logit), target.long())
+        else:
+            pred = out.squeeze(1)
+            losses[spec.name] = nn.functional.mse_loss(pred, target)
+            pairs[spec.name] = (pred, target)
+    return losses, pairs
+
+
+class ArchitectureMultiTask(MultiTaskModule):
+    """An architecture of :mod:`lightning_mtl.nn` on a built-in data set, with no ``shared_parameters()`` written:
+    the architecture declares them. Losses and metrics as :class:`MLPMultiTask`; DSelect-k's regulariser
+    (``aux_losses``) is added to each task's loss.
+
+    Args:
+        dataset: ``"digits"`` or ``"synthetic"``.
+        arch: an architecture name (:data:`lightning_mtl.nn.ARCHITECTURES`: ``HardSharing``, ``MMoE``, ...).
+        tasks: which of the data set's tasks to learn (default: all).
+        hidden: hidden width of the architecture (see :func:`lightning_mtl.nn.build_architecture`).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        arch: str = "HardSharing",
+        tasks: list[str] | None = None,
+        hidden: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        from lightning_mtl.nn import build_architecture
+
+        data = load_dataset(dataset)
+        specs = select_tasks(data, tasks)
+        super().__init__(tasks=[s.task() for s in specs])
+        self.save_hyperparameters()
+        self.specs = specs
+        self.columns = [data.task_names.index(s.name) for s in specs]
+        self.model = build_architecture(
+            arch, self.task_names, data.in_dim, {s.name: s.out_dim for s in specs}, hidden
+        )
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        losses, pairs = spec_losses(self.specs, self.columns, self.model(x), y)
+        regulariser = getattr(self.model, "aux_losses", None)  # DSelect-k: one term per task, in the graph
+        if regulariser:
+            losses = {t: loss + regulariser[t] for t, loss in losses.items()}
+        return losses, pairs
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -97,11 +97,13 @@ def _fit(
     progress: Any,
     subset: Sequence[str] | None = None,
     tb_name: str | None = None,
+    arch: str | None = None,
 ) -> RunRecord:
-    """One run: ``strategy_name`` (``None``: the config's strategy callback) on a fresh model and data."""
+    """One run: ``strategy_name`` (``None``: the config's strategy callback) on a fresh model (architecture
+    ``arch`` of :mod:`lightning_mtl.nn` on built-in data, ``None``: the default model) and data."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    run = setup.build(subset, settings.seed)
+    run = setup.build(subset, settings.seed, arch)
     strategy = run.strategy if strategy_name is None else make_strategy(strategy_name)
     record_path = out / ".records" / f"{tb_name or name}.json"
     record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +204,11 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 
     for note in notes:
         console.print(f"note: {note}")
+    archs = setup.architectures
+    runs = [(f"{arch}/{d}" if arch else d, name, arch) for arch in archs for d, name in strategies]
+    on = f" × {len(archs)} architectures" if archs != [None] else ""
     console.print(
-        f"[bold]lightning-mtl compare[/bold]: {len(strategies)} strategies on {setup.label}, tasks "
+        f"[bold]lightning-mtl compare[/bold]: {len(strategies)} strategies{on} on {setup.label}, tasks "
         f"{list(setup.task_names)}, {settings.epochs} epochs, seed {settings.seed} -> {out}/"
     )
     columns = [
@@ -216,7 +221,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         baselines = _baselines(args, setup, settings, out, progress)
         records = [
-            _fit(setup, settings, display, name, out, baselines, progress) for display, name in strategies
+            _fit(setup, settings, display, name, out, baselines, progress, arch=arch)
+            for display, name, arch in runs
         ]
 
     for rec in records:
@@ -224,8 +230,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             values = {k: rec.metrics.get(f"val/{k}", math.nan) for k in baselines}
             directions = {k: setup.directions.get(k, False) for k in baselines}
             rec.delta_m = delta_m(values, baselines, directions)
+    model = f"architectures {', '.join(str(a) for a in archs)}; " if archs != [None] else ""
     described = (
-        f"{setup.label}; tasks {', '.join(setup.task_names)}; {settings.epochs} epochs; seed {settings.seed}; "
+        f"{setup.label}; {model}tasks {', '.join(setup.task_names)}; {settings.epochs} epochs; seed {settings.seed}; "
         f"devices {settings.devices}"
     )
     titles, cells = write_tables(out, records, setup.task_names, setup.directions, baselines, described)

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--dataset", default=None, help="built-in data set: digits or synthetic (default: digits)")
     c.add_argument(
+        "--arch",
+        default=None,
+        help="comma-separated architectures of lightning_mtl.nn (HardSharing, CrossStitch, MTAN, MMoE, CGC, PLE, "
+        "DSelectK, TaskRouting, MultiBackbone): every strategy is trained on each (built-in data; default: a shared "
+        "MLP encoder with one head per task)",
+    )
+    c.add_argument(
         "--tasks", default=None, help="comma-separated subset of the data set's tasks (default: all)"
     )
     c.add_argument(

@@ -24,7 +24,7 @@ FLAG_KEYS = {
     "seed": ("seed_everything", 0),
 }
 #: the built-in data sets' flags, refused with --config
-BUILTIN_ONLY = {"dataset": "digits", "tasks": None, "batch_size": 64}
+BUILTIN_ONLY = {"dataset": "digits", "tasks": None, "batch_size": 64, "arch": None}
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Run:
 class CompareSetup:
     """How the runs of a comparison are built: from a built-in data set, or from a user's config."""
 
-    build: Callable[[Sequence[str] | None, int], Run]  # (task subset or None, seed) -> fresh objects
+    build: Callable[..., Run]  # (task subset or None, seed, architecture or None) -> fresh objects
     task_names: tuple[str, ...]
     label: str
     directions: dict[str, bool]  # "<task>/<metric>" -> higher is better
@@ -51,6 +51,7 @@ class CompareSetup:
     strategy: str | None = None  # class name of the config's strategy callback
     baselines: dict[str, float] | None = None  # from a DeltaM callback in the config
     notes: list[str] = field(default_factory=list)  # what the compare job replaces in the config
+    architectures: list[str | None] = field(default_factory=lambda: [None])  # --arch (built-in data)
 
 
 @dataclass
@@ -94,16 +95,34 @@ def directions_of(model: Any) -> dict[str, bool]:
 
 def builtin_setup(args: argparse.Namespace) -> CompareSetup:
     """A comparison on a built-in data set (``--dataset``, ``--tasks``, ``--batch-size``)."""
-    from lightning_mtl.datasets import BuiltinDataModule, MLPMultiTask, load_dataset, select_tasks
+    from lightning_mtl.datasets import (
+        ArchitectureMultiTask,
+        BuiltinDataModule,
+        MLPMultiTask,
+        load_dataset,
+        select_tasks,
+    )
+    from lightning_mtl.nn import resolve_architecture
 
     dataset = args.dataset or BUILTIN_ONLY["dataset"]
     batch_size = args.batch_size or BUILTIN_ONLY["batch_size"]
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     names = tuple(s.name for s in select_tasks(load_dataset(dataset), tasks))
 
-    def build(subset: Sequence[str] | None, seed: int) -> Run:
+    architectures: list[str | None] = [None]
+    if args.arch:
+        architectures = [resolve_architecture(a) for a in args.arch.split(",") if a]
+        if len(set(architectures)) != len(architectures):
+            raise ValueError(f"--arch lists an architecture twice: {args.arch}.")
+
+    def build(subset: Sequence[str] | None, seed: int, arch: str | None = None) -> Run:
         pl.seed_everything(seed, verbose=False)
-        model = MLPMultiTask(dataset, list(subset or names), lr=3e-3)
+        tasks = list(subset or names)
+        model = (
+            MLPMultiTask(dataset, tasks, lr=3e-3)
+            if arch is None
+            else ArchitectureMultiTask(dataset, arch, tasks, lr=3e-3)
+        )
         return Run(model, BuiltinDataModule(dataset, batch_size=batch_size))
 
     return CompareSetup(
@@ -113,6 +132,7 @@ def builtin_setup(args: argparse.Namespace) -> CompareSetup:
         directions=directions_of(MLPMultiTask(dataset, list(names))),
         can_train_baselines=True,
         trainer_kwargs={"enable_checkpointing": False, "num_sanity_val_steps": 0, "deterministic": False},
+        architectures=architectures,
     )
 
 
@@ -150,7 +170,7 @@ def config_setup(args: argparse.Namespace) -> CompareSetup:
     display = [type(cb).__name__ for cb in callbacks if isinstance(cb, (ProgressBar, ModelSummary))]
     notes = [f"the compare display replaces the config's {name} callback" for name in display]
 
-    def build(subset: Sequence[str] | None, seed: int) -> Run:
+    def build(subset: Sequence[str] | None, seed: int, arch: str | None = None) -> Run:
         cli = read_config(args.config, seed)
         strategy = next((cb for cb in cli.trainer_kwargs["callbacks"] if isinstance(cb, MTLStrategy)), None)
         return Run(cli.model, cli.datamodule, strategy, kept_callbacks(cli.trainer_kwargs["callbacks"]))

@@ -49,6 +49,8 @@ from lightning_mtl.functional.moco import (
     moco_step,
     project_simplex,
 )
+from lightning_mtl.functional.modo import cross_gramian, modo_direction, modo_weights, project_onto_simplex
+from lightning_mtl.functional.sdmgrad import sdmgrad_coefficients, sdmgrad_direction, sdmgrad_weights
 from lightning_mtl.functional.slaw_stch import (
     cap_weights,
     log_loss,
@@ -67,7 +69,14 @@ __all__ = [
     "ExcessMTLState",
     "MoCoResult",
     "MoCoState",
+    "cross_gramian",
     "dbmtl_step",
+    "modo_direction",
+    "modo_weights",
+    "project_onto_simplex",
+    "sdmgrad_coefficients",
+    "sdmgrad_direction",
+    "sdmgrad_weights",
     "excess_mtl_step",
     "excess_risks",
     "log_loss_jacobian",

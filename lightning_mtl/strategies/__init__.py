@@ -22,9 +22,11 @@ from lightning_mtl.strategies.imtl_g import IMTLG
 from lightning_mtl.strategies.logse import LogSE, ScaleInvariant
 from lightning_mtl.strategies.mgda import MGDA
 from lightning_mtl.strategies.moco import MoCo
+from lightning_mtl.strategies.modo import MoDo
 from lightning_mtl.strategies.nash_mtl import NashMTL
 from lightning_mtl.strategies.pcgrad import PCGrad
 from lightning_mtl.strategies.rlw import RLW
+from lightning_mtl.strategies.sdmgrad import SDMGrad
 from lightning_mtl.strategies.slaw import SLAW
 from lightning_mtl.strategies.static import StaticWeighting
 from lightning_mtl.strategies.stch import STCH
@@ -42,6 +44,7 @@ __all__ = [
     "MGDA",
     "RLW",
     "SLAW",
+    "SDMGrad",
     "STCH",
     "AlignedMTL",
     "CAGrad",
@@ -59,6 +62,7 @@ __all__ = [
     "LossWeighting",
     "MTLStrategy",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "ScaleInvariant",

@@ -13,7 +13,7 @@ from helpers import restore_environ, trainer
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, WeightedRandomSampler
 
-from lightning_mtl import MultiTaskModule
+from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.data import MultiTaskLoader, task_eval_loaders
 
 
@@ -389,6 +389,52 @@ def test_task_eval_loaders_give_one_dataloader_idx_per_task():
     module = EvalRecorder()
     trainer().validate(module, task_eval_loaders({"a": ids(4), "b": ids(2)}), verbose=False)
     assert module.records == [(0, 0, {"a": [0, 1]}), (0, 1, {"a": [2, 3]}), (1, 0, {"b": [0, 1]})]
+
+
+def test_sampled_fit_with_partial_tasks_and_per_task_validation():
+    """Sampled mode needs partial tasks (a step's batch holds the drawn tasks only); each task is validated on its
+    own loader, logged per dataloader_idx (the k-th task's loader)."""
+    train = {"small": regression(24, 1), "large": regression(80, 2)}
+    val = {"small": regression(16, 3), "large": regression(16, 4)}
+    module = PerTaskNet(tasks=[Task("small", partial=True), Task("large", partial=True)])
+    fit = trainer(max_epochs=2, num_sanity_val_steps=0)
+    fit.fit(
+        module,
+        MultiTaskLoader(
+            {t: DataLoader(ds, batch_size=8, shuffle=True) for t, ds in train.items()},
+            mode="sampled",
+            weights="proportional",
+            seed=0,
+        ),
+        val_dataloaders=task_eval_loaders({t: DataLoader(ds, batch_size=8) for t, ds in val.items()}),
+    )
+    assert fit.global_step == 2 * 13  # ceil((3 + 10) / 1) steps per epoch
+    metrics = fit.callback_metrics
+    with torch.no_grad():
+        for k, (t, ds) in enumerate(val.items()):
+            expected = module.task_losses({t: ds.tensors}, 0)[t]
+            torch.testing.assert_close(metrics[f"val/loss/{t}/dataloader_idx_{k}"], expected)
+            other = "large" if t == "small" else "small"
+            assert f"val/loss/{other}/dataloader_idx_{k}" not in metrics  # each loader holds one task
+
+
+def test_worker_processes_resume_mid_pass(tmp_path):
+    def make():
+        return MultiTaskLoader(
+            {
+                "a": ids(12, shuffle=True, num_workers=1),
+                "b": ids(4, shuffle=True, num_workers=1, persistent_workers=True),
+            },
+            seed=2,
+        )
+
+    reference = run(make(), 2)
+    loader = make()
+    done = [as_ids(b) for _, b in zip(range(4), loader)]  # (range first: zip stops before a 5th next)
+    resumed = make()
+    resumed.load_state_dict(loader.state_dict())
+    assert done + run(resumed, 1) + run(resumed, 1) == reference
+    assert done == reference[:4]
 
 
 # ---------------------------------------------------------------------------------------------------- DDP

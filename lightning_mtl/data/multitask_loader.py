@@ -50,9 +50,9 @@ class _PassSampler(Sampler):
         self.skip = 0
 
     def __iter__(self) -> Iterator[Any]:
+        # not reset here: a DataLoader with workers calls iter() twice when it starts; every pass sets both
         self.seeded.set_epoch(self.pass_index)
-        skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.inner), skip, None)
+        return itertools.islice(iter(self.inner), self.skip, None)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -370,9 +370,8 @@ class MultiTaskLoader:
             for task, index in self._pass_index.items():
                 if index >= 0:
                     self._pass_index[task], self._pass_position[task] = index + 1, 0
-        seed = self._resolved_seed()
         self._prepared = {
-            task: _prepare_loader(task, dl, world, seed, self.use_distributed_sampler)
+            task: _prepare_loader(task, dl, world, self.use_distributed_sampler)
             for task, dl in self.loaders.items()
         }
         self._world_prepared = world
@@ -642,7 +641,7 @@ def _default_shuffle(dl: DataLoader) -> bool | None:
 
 
 def _prepare_loader(
-    task: str, dl: DataLoader, world: tuple[int, int], seed: int, use_distributed_sampler: bool
+    task: str, dl: DataLoader, world: tuple[int, int], use_distributed_sampler: bool
 ) -> _Prepared:
     world_size, rank = world
     shuffle = _default_shuffle(dl) if use_distributed_sampler and type(dl) is DataLoader else None

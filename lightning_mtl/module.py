@@ -32,6 +32,7 @@ from lightning_mtl.gradients.sharing import Sharing, describe_unreached, find_sh
 from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
 from lightning_mtl.partial import MaskedMean, combine_over_ranks, unpack_partial
+from lightning_mtl.regularizers.base import collect_terms
 from lightning_mtl.schedulers import (
     step_schedulers,
     wrap_configure_optimizers,
@@ -297,6 +298,8 @@ class MultiTaskModule(pl.LightningModule):
             for cb in _callbacks_with(trainer, "on_task_losses"):
                 cb.on_task_losses(trainer, self, loss_dict, batch, batch_idx, ctx)
             # --- end hooks ---
+            # the regularisers' terms (lightning_mtl.regularizers), added by ctx.backward
+            collect_terms(trainer, ctx)
             block = getattr(trainer.strategy, "block_backward_sync", None)
             with nullcontext() if is_sync or block is None or trainer.world_size == 1 else block():
                 strategy.backward(ctx)

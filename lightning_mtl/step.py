@@ -15,7 +15,30 @@ from torch import Tensor
 if TYPE_CHECKING:
     from lightning_mtl.module import MultiTaskModule
 
-__all__ = ["StepContext", "reduce_mean"]
+__all__ = ["StepContext", "add_pending_term", "clear_pending_terms", "pending_terms", "reduce_mean"]
+
+# the module's __dict__ key of the regularisers' terms not yet back-propagated
+_PENDING = "_mtl_pending_terms"
+
+
+def add_pending_term(module: MultiTaskModule, term: Tensor) -> None:
+    """Queue a scalar ``term`` (attached to this micro-batch's graph) for the next :meth:`StepContext.backward`.
+
+    The regularisers' terms (:mod:`lightning_mtl.regularizers`) are queued for each micro-batch before the
+    strategy's backward and consumed by the first ``ctx.backward`` that follows: per micro-batch for the
+    loss-based strategies, once at the end of the accumulation window for the gradient strategies.
+    """
+    module.__dict__.setdefault(_PENDING, []).append(term)
+
+
+def pending_terms(module: MultiTaskModule) -> list[Tensor]:
+    """The queued terms not yet back-propagated (empty without regularisers)."""
+    return module.__dict__.get(_PENDING) or []
+
+
+def clear_pending_terms(module: MultiTaskModule) -> None:
+    """Drop the queued terms (a discarded window, a new window, the end of a fit): frees their graphs."""
+    module.__dict__.pop(_PENDING, None)
 
 
 def reduce_mean(trainer: pl.Trainer | None, tensor: Tensor) -> Tensor:
@@ -97,7 +120,13 @@ class StepContext:
         return self.module.marked_representation
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
-        """Back-propagate ``loss`` through Lightning (AMP scaling, DDP all-reduce, accumulation scaling)."""
+        """Back-propagate ``loss`` through Lightning (AMP scaling, DDP all-reduce, accumulation scaling).
+
+        The regularisers' terms queued since the last call (:func:`add_pending_term`) are added to ``loss`` and
+        back-propagated in the same, single backward, so each is back-propagated exactly once."""
+        pending = self.module.__dict__.pop(_PENDING, None)
+        if pending:
+            loss = loss + sum(pending[1:], pending[0]).to(loss.dtype)
         self.module.manual_backward(loss / self.accumulate_grad_batches, **kwargs)
 
     def reduce_mean(self, tensor: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-JacobianMethod = Literal["auto", "batched", "loop"]
+#: ``"lean"`` is :class:`~lightning_mtl.gradients.TaskGradients`' Gramian-only engine (:mod:`~lightning_mtl.gradients.lean`)
+JacobianMethod = Literal["auto", "batched", "loop", "lean"]
 
 
 def _batched_grad(
@@ -76,6 +77,11 @@ class JacobianEngine:
     """
 
     def __init__(self, method: JacobianMethod = "auto", owner: str = "strategy") -> None:
+        if method == "lean":
+            raise ValueError(
+                f"{owner} jacobian='lean' never forms the Jacobian (only its Gramian, for the methods that need "
+                "nothing else): use 'auto', 'batched' or 'loop' where the Jacobian itself is needed."
+            )
         if method not in ("auto", "batched", "loop"):
             raise ValueError(f"{owner} jacobian must be 'auto', 'batched' or 'loop', got {method!r}.")
         self.method = method

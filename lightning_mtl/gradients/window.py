@@ -15,6 +15,14 @@
    by back-propagating ``ΣLᵢ + ⟨θ_shared, Jᵀ(w − 1)⟩`` (``⟨z, Σᵢ(wᵢ − 1)∇_z Lᵢ⟩`` in representation mode);
    explicit ``head_weights`` ``h`` give the heads ``Σ hᵢ∇Lᵢ`` the same way (IMTL: ``h = e^{s}``).
 
+With ``jacobian="lean"`` (owners that only need the Gramian: ``gramian_only=True``; chosen by ``"auto"`` for a
+large ``T·P``, see :func:`~lightning_mtl.gradients.lean.prefers_lean`) the window never forms ``J``: it keeps
+the micro-batches' graphs (as it does anyway for the combined backward), and at the window's end
+:mod:`~lightning_mtl.gradients.lean` computes ``G`` of the window's mean losses block by block (each block
+all-reduced over ranks before its product with ``sync="exact"``: exact, since ``G`` is quadratic in ``J``);
+the heads correction back-propagates ``Σᵢ(wᵢ − hᵢ)Lᵢ`` once more, to the shared parameters only (``Jᵀ(w − h)``
+per micro-batch, without ``J``).
+
 A strategy then only turns the statistic (:meth:`gramian` or :meth:`jacobian`) into weights.
 """
 
@@ -29,6 +37,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.functional import gramian
 from lightning_mtl.gradients.jacobian import JacobianEngine, JacobianMethod, unflatten
+from lightning_mtl.gradients.lean import LeanGramian, combination_grads, prefers_lean
 from lightning_mtl.gradients.sources import (
     ParameterSource,
     check_trainable,
@@ -53,7 +62,14 @@ class TaskGradients:
         parameters: with ``target="parameters"``, a function ``module -> parameters`` replacing
             ``shared_parameters()`` (e.g. GradNorm's last shared layer); a frozen one is a clear error.
         sync: ``"exact"`` (reduce over ranks: the statistic of the global batch) or ``"local"`` (this rank's).
-        jacobian: ``"auto"``, ``"batched"`` or ``"loop"`` (see :class:`JacobianEngine`).
+        jacobian: ``"batched"`` or ``"loop"`` (see :class:`JacobianEngine`), ``"lean"`` (only with
+            ``gramian_only``: :meth:`gramian` without ever holding ``J``, :mod:`~lightning_mtl.gradients.lean`;
+            :meth:`jacobian` is then an error) or ``"auto"`` (``"lean"`` when ``gramian_only`` and
+            :func:`~lightning_mtl.gradients.lean.prefers_lean` holds for ``T`` and ``P``, decided once per
+            ``(T, P)`` and identically on every rank; else batched with the loop fallback). Only
+            ``target="parameters"`` is affected (the representation's gradients are small).
+        gramian_only: the owner only ever asks for :meth:`gramian` (and the backward methods other than
+            :meth:`backward_direction`), never for :meth:`jacobian` or :meth:`part_jacobians`.
         representation_fix: advice when no representation was marked (default: use ``mode='parameters'``).
     """
 
@@ -65,6 +81,7 @@ class TaskGradients:
         parameters: ParameterSource | None = None,
         sync: SyncMode = "exact",
         jacobian: JacobianMethod = "auto",
+        gramian_only: bool = False,
         representation_fix: str | None = None,
     ) -> None:
         if target not in ("parameters", "representation"):
@@ -76,7 +93,22 @@ class TaskGradients:
         self.sync = sync
         self._source = parameters
         self._representation_fix = representation_fix
-        self._engine = JacobianEngine(jacobian, owner=owner)
+        if jacobian not in ("auto", "batched", "loop", "lean"):
+            raise ValueError(
+                f"{owner} jacobian must be 'auto', 'batched' or 'loop' (or 'lean' for a method that only needs "
+                f"the Gramian), got {jacobian!r}."
+            )
+        if jacobian == "lean" and not gramian_only:
+            raise ValueError(
+                f"{owner} jacobian='lean' computes only the Gramian of the per-task gradients, but {owner} needs "
+                "the Jacobian itself (its per-task gradients, e.g. needs='jacobian'). Use jacobian='auto', "
+                "'batched' or 'loop'."
+            )
+        self.jacobian_method = jacobian
+        self.gramian_only = gramian_only
+        self._engine = JacobianEngine("auto" if jacobian == "lean" else jacobian, owner=owner)
+        self._lean_engine = LeanGramian(self._engine, owner=owner)
+        self._lean_choice: dict[tuple[int, int], bool] = {}
         self.reset()
 
     # ------------------------------------------------------------------ the window
@@ -91,6 +123,8 @@ class TaskGradients:
         self._part_sum: Tensor | None = None  # Σ over micro-batches of the parts' Jacobians [k, T, P]
         self._part_fractions: Tensor | None = None  # the parts' shares of the batch [k]
         self._parts_J: Tensor | None = None
+        self._lean = False  # this window uses the lean engine (decided at its first micro-batch)
+        self._G: Tensor | None = None  # the lean window's Gramian
         self.count = 0
 
     def parameters(self, module: nn.Module) -> list[nn.Parameter]:
@@ -112,13 +146,43 @@ class TaskGradients:
         z = marked_representation(ctx.module, self.owner, self._representation_fix)
         return z, self._engine(ctx.losses, [z], scale).detach()
 
+    def uses_lean(self, ctx: StepContext) -> bool:
+        """Whether the lean engine serves this step (``jacobian="lean"``, or ``"auto"`` and a large ``T·P``)."""
+        if (
+            self.target != "parameters"
+            or not self.gramian_only
+            or self.jacobian_method in ("batched", "loop")
+        ):
+            return False
+        if self.jacobian_method == "lean":
+            return True
+        params = self.parameters(ctx.module)
+        key = (int(ctx.losses.shape[0]), sum(p.numel() for p in params))
+        if key not in self._lean_choice:
+            size = torch.promote_types(ctx.losses.dtype, torch.float32).itemsize
+            choice = prefers_lean(key[0], key[1], ctx.losses.device, size)
+            if self.sync == "exact" and ctx.world_size > 1:  # one route on every rank (free memory differs)
+                flag = torch.tensor(float(choice), device=ctx.losses.device)
+                choice = bool(reduce_mean(ctx.trainer, flag) > 0)
+            self._lean_choice[key] = choice
+        return self._lean_choice[key]
+
     def add(self, ctx: StepContext, *, keep_graph: bool = True) -> None:
         """Take this micro-batch's per-task gradients into the window.
 
         ``keep_graph=False`` when the caller back-propagates the micro-batch itself (GradNorm's weights are
         known up front); otherwise the losses are kept for :meth:`backward` at the window's end.
         """
-        if ctx.part_losses is not None and self.target == "parameters":
+        if self.count == 0:
+            self._lean = self.uses_lean(ctx)
+        if self._lean:  # the work waits for the window's end (one backward of the window's losses)
+            if not keep_graph or ctx.part_losses is not None:
+                raise RuntimeError(
+                    f"{self.owner}: jacobian='lean' needs the micro-batches' graphs until the window's end and "
+                    "no batch parts; use jacobian='batched' or 'loop' here."
+                )
+            self._G = None
+        elif ctx.part_losses is not None and self.target == "parameters":
             self._add_parts(ctx)
         else:
             self._add_whole(ctx)
@@ -181,6 +245,11 @@ class TaskGradients:
         """The Jacobian ``[T, P]`` of the window's mean losses (of the global batch with ``sync="exact"``)."""
         if self.target != "parameters":
             raise RuntimeError(f"{self.owner}: the Jacobian is only formed for target='parameters'.")
+        if self._lean:
+            raise RuntimeError(
+                f"{self.owner}: the lean engine (jacobian='lean', or 'auto' for a large T·P) never forms the "
+                "Jacobian, only its Gramian. Pass jacobian='batched' (or 'loop') to get the Jacobian."
+            )
         if (
             self._J is None and self._part_sum is not None
         ):  # the parts' size-weighted mean: no second reduction
@@ -199,12 +268,25 @@ class TaskGradients:
         on one rank is ``1/(R·k)`` times the local one, and different samples' blocks are orthogonal, so
         ``G = Σ G_local / (R·k)²``.
         """
+        if self.target == "parameters" and self._lean:
+            return self._lean_gramian(ctx)
         if self.target == "parameters":
             return gramian(self.jacobian(ctx))
         assert self._sum is not None, "no micro-batch was added"
         G = self._sum / (self.count * self.count)
         ranks = self._ranks(ctx)
         return reduce_mean(ctx.trainer, G) / ranks if ranks > 1 else G
+
+    def _lean_gramian(self, ctx: StepContext) -> Tensor:
+        """The window's Gramian by the lean engine: of the micro-batches' mean losses (autograd sums their
+        gradients), each parameter block reduced over ranks before its product with ``sync="exact"``."""
+        if self._G is None:
+            assert self._losses, "no micro-batch was added"
+            losses = self._losses[0] if self.count == 1 else sum(self._losses) / self.count
+            reduce = (lambda J: reduce_mean(ctx.trainer, J)) if self._ranks(ctx) > 1 else None
+            params = self.parameters(ctx.module)
+            self._G = self._lean_engine(losses, params, grad_scale(ctx.trainer), reduce)
+        return self._G
 
     def check_finite(self, ctx: StepContext, statistic: Tensor) -> bool:
         """``True`` when ``statistic`` is finite; ``False`` on an AMP overflow (the GradScaler will skip the
@@ -235,6 +317,8 @@ class TaskGradients:
             return
         if heads == "weighted":
             total = sum((weights.to(L) * L).sum() for L in self._losses)
+        elif self.target == "parameters" and self._lean:
+            total = sum(L.sum() for L in self._losses) + self._lean_term(ctx, weights - 1)
         elif self.target == "parameters":
             # ctx.backward divides by k; the window holds `count` micro-batches of mean Jacobian J
             correction = self._parameter_term(ctx, (weights.to(self.jacobian(ctx)) - 1) @ self.jacobian(ctx))
@@ -247,7 +331,10 @@ class TaskGradients:
 
     def _backward_split(self, ctx: StepContext, weights: Tensor, head_weights: Tensor) -> None:
         """:meth:`backward` with explicit head weights ``h``: heads ``Σ hᵢ∇Lᵢ``, shared part ``Jᵀw``."""
-        if self.target == "parameters":
+        if self.target == "parameters" and self._lean:
+            total = sum((head_weights.to(L) * L).sum() for L in self._losses)
+            total = total + self._lean_term(ctx, weights - head_weights.to(weights))
+        elif self.target == "parameters":
             J = self.jacobian(ctx)
             correction = self._parameter_term(ctx, (weights.to(J) - head_weights.to(J)) @ J)
             total = sum((head_weights.to(L) * L).sum() for L in self._losses) + self.count * correction
@@ -289,6 +376,13 @@ class TaskGradients:
         if head_weights is None and heads == "weighted":
             ctx.backward((weights.to(losses) * losses).sum())
             return
+        if self.uses_lean(ctx):  # this micro-batch's Jᵀ(w − h) by one plain backward, without J
+            h = torch.ones_like(weights) if head_weights is None else head_weights.to(weights)
+            grads_c = combination_grads(
+                losses, weights - h, self.parameters(ctx.module), grad_scale(ctx.trainer)
+            )
+            ctx.backward((h.to(losses) * losses).sum() + _dot(self.parameters(ctx.module), grads_c, losses))
+            return
         z, grads = self.local(ctx)
         if head_weights is None:
             c = (weights.to(grads) - 1) @ grads
@@ -307,10 +401,25 @@ class TaskGradients:
             ctx.losses.new_zeros(()),
         )
 
+    def _lean_term(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
+        """A scalar whose gradient is ``Σ_m J_mᵀc`` (this rank's micro-batches) on the window's parameters and
+        zero elsewhere: one plain backward of ``Σ_m Σᵢ cᵢL_{m,i}`` to the shared parameters (lean engine)."""
+        params = self.parameters(ctx.module)
+        window = self._losses[0] if len(self._losses) == 1 else sum(self._losses)
+        grads = combination_grads(window, coefficients, params, grad_scale(ctx.trainer))
+        return _dot(params, grads, ctx.losses)
+
     @staticmethod
     def _representation_term(z: Tensor, c: Tensor) -> Tensor:
         """A scalar whose gradient w.r.t. ``z`` is ``c`` (flat)."""
         return (z.float() * c.view_as(z).float()).sum()
+
+
+def _dot(params: Sequence[Tensor], grads: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``Σ_p ⟨p, g_p⟩`` with the ``g_p`` constant: a scalar whose gradient is ``g`` on ``params``."""
+    return sum(
+        ((p * g.detach().to(p.dtype)).sum() for p, g in zip(params, grads, strict=True)), like.new_zeros(())
+    )
 
 
 def nan_weights(T: int, device: torch.device) -> Tensor:

@@ -68,8 +68,11 @@ class GradientWeighting(MTLStrategy):
         sync: ``"exact"`` (default; the DDP update equals the single-process update on the global batch) or
             ``"local"`` (weights per rank, results averaged; an approximation that saves the
             ``T × P`` all-reduce).
-        jacobian: ``"auto"`` (one batched backward, per-task loop if the graph does not support ``vmap``),
-            ``"batched"`` or ``"loop"``.
+        jacobian: ``"auto"`` (one batched backward, per-task loop if the graph does not support ``vmap``;
+            the lean engine instead for a Gramian-only method when ``T·P·4`` bytes exceed 1 GiB, or 256 MiB and
+            a quarter of the free memory), ``"batched"``, ``"loop"`` or ``"lean"`` (``needs == "gramian"``
+            only: the Gramian block by block, never the full ``T × P`` Jacobian; see
+            :mod:`lightning_mtl.gradients.lean`).
         seed: seed of the generator of random methods (``None``: Lightning's global seed, else 0).
     """
 
@@ -106,7 +109,9 @@ class GradientWeighting(MTLStrategy):
             raise ValueError(f"{name} update_every must be an int >= 1, got {update_every!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"{name} seed must be an int or None, got {seed!r}.")
-        self._gradients = TaskGradients(name, target=mode, sync=sync, jacobian=jacobian)  # validates both
+        self._gradients = TaskGradients(  # validates sync and jacobian ('lean' only when needs == "gramian")
+            name, target=mode, sync=sync, jacobian=jacobian, gramian_only=self.needs == "gramian"
+        )
         self.mode = mode
         self.update_every = update_every
         self.sync = sync

@@ -49,6 +49,8 @@ class LearnableParameters:
         self.lr = lr
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer_state: dict[str, Any] | None = None
+        #: partial labels: which entries received a gradient in the current window (``None``: every entry)
+        self._touched: Tensor | None = None
 
     def prepare(self, trainer: pl.Trainer, device: torch.device) -> None:
         """Move to ``device`` and build the optimizer on first use (after checkpoint restore)."""
@@ -104,21 +106,69 @@ class LearnableParameters:
             return 1e-3
         return float(trainer.optimizers[0].param_groups[0]["lr"])
 
-    def accumulate(self, grad: Tensor) -> None:
-        """Add ``grad`` to the accumulated gradient (takes ownership of a fresh ``grad`` tensor)."""
+    def accumulate(self, grad: Tensor, present: Sequence[bool] | None = None) -> None:
+        """Add ``grad`` to the accumulated gradient (takes ownership of a fresh ``grad`` tensor).
+
+        ``present`` (partial labels, ``StepContext.present``): only these entries take the gradient (the others'
+        entries of ``grad`` are ignored) and only the entries present in some micro-batch of the window are
+        stepped (:meth:`step`); ``None``: every entry."""
+        grad = grad.detach()
+        if present is not None:
+            mask = torch.tensor(list(present), dtype=torch.bool, device=grad.device)
+            grad = torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+            if self.param.grad is None:  # the window's first micro-batch with a gradient
+                self._touched = mask
+            elif self._touched is not None:
+                self._touched = self._touched.to(mask.device) | mask
+        elif self.param.grad is None or self._touched is not None:
+            self._touched = None  # a micro-batch with every entry present: all are stepped
         if self.param.grad is None:
-            self.param.grad = grad.detach()
+            self.param.grad = grad
         else:
-            self.param.grad.add_(grad.detach())
+            self.param.grad.add_(grad)
 
     def step(self, trainer: pl.Trainer, skipped: bool = False) -> None:
-        """One optimizer step on the accumulated gradient (discarded when ``skipped``)."""
+        """One optimizer step on the accumulated gradient (discarded when ``skipped``).
+
+        Entries that no micro-batch of the window marked present (:meth:`accumulate`) are left bit-for-bit
+        untouched: their values and every per-entry tensor of the optimizer's state (Adam's moments, SGD's
+        momentum) are restored after the step. Only the optimizer's scalar state shared by all entries (Adam's
+        step count, used for its bias correction) counts the step."""
+        frozen = None if self._touched is None else ~self._touched
         if self.optimizer is not None and not skipped and self.param.grad is not None:
             if self.lr is None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = self._user_lr(trainer)
-            self.optimizer.step()
+            if frozen is not None and bool(frozen.any()):
+                self._masked_step(frozen.to(self.param.device))
+            else:
+                self.optimizer.step()
         self.param.grad = None
+        self._touched = None
+
+    def _masked_step(self, frozen: Tensor) -> None:
+        """``optimizer.step()`` with the ``frozen`` entries (and their optimizer state) restored afterwards."""
+        assert self.optimizer is not None
+        shape = self.param.shape
+        values = self.param.detach().clone()
+        before = {
+            name: value.clone()
+            for name, value in self.optimizer.state.get(self.param, {}).items()
+            if isinstance(value, Tensor) and value.shape == shape
+        }
+        self.optimizer.step()
+        with torch.no_grad():
+            self.param.copy_(torch.where(frozen, values, self.param))
+            for name, value in self.optimizer.state.get(self.param, {}).items():
+                if isinstance(value, Tensor) and value.shape == shape:
+                    # an entry created by this step (the optimizer's first) restarts from zero: its initial value
+                    old = before.get(name, torch.zeros_like(value))
+                    value.copy_(torch.where(frozen, old.to(value), value))
+
+    def discard(self) -> None:
+        """Drop the window's accumulated gradient (a discarded accumulation window)."""
+        self.param.grad = None
+        self._touched = None
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"values": self.param.detach().cpu().clone()}

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_mtl.functional.famo import famo_effective_weights, famo_logits_grad, famo_objective
 from lightning_mtl.strategies._learnable import LearnableParameters
-from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.strategies._loss_based import LossWeighting, on_present, present_index
 
 if TYPE_CHECKING:
     from lightning_mtl.task import Task
@@ -46,6 +46,13 @@ class FAMO(LossWeighting):
     step) must exceed its lower bound: otherwise an error names the task and the value. ``ξ`` and its Adam
     state are saved in checkpoints by task name, with the lower bounds (resuming under others is an error).
 
+    Partial labels: a step with absent tasks applies FAMO to the ``P`` present tasks: ``z = softmax(ξ)`` over
+    their logits, ``c`` and the effective weights over them (they sum to 1), 0 for the absent tasks, whose
+    losses are not checked. The post-step update of ``ξ`` uses the tasks present in the window's last
+    micro-batch (the one whose losses are recomputed): ``δ`` is the softmax Jacobian of the present logits times
+    their log-loss decreases, and the weight decay applies to them only; an absent task's logit and its Adam
+    moments are left bit-for-bit untouched (only Adam's shared step count counts the step).
+
     Args:
         lr: ``β`` > 0, the logits' learning rate (paper: 0.025).
         weight_decay: ``γ`` >= 0, the logits' weight decay (default 1e-3).
@@ -53,6 +60,9 @@ class FAMO(LossWeighting):
     """
 
     needs_post_step_losses = True
+
+    #: partial labels: FAMO over the present tasks; absent tasks' logits and Adam moments untouched
+    supports_absent_tasks = True
 
     def __init__(
         self, lr: float = 0.025, weight_decay: float = 1e-3, min_losses: Mapping[str, float] | None = None
@@ -102,13 +112,17 @@ class FAMO(LossWeighting):
         assert self._learnable is not None, "FAMO is not attached to a module yet"
         return self._learnable.param
 
-    def _check(self, losses: Tensor, when: str) -> None:
+    def _check(self, losses: Tensor, when: str, index: Tensor | None = None) -> None:
+        """Every loss (of the present tasks ``index``; ``None``: all) finite and above its lower bound."""
         assert self._min is not None
         low = self._min.to(losses.device)
+        names = list(self.task_names)
+        if index is not None:
+            losses, low, names = losses[index], low[index], [names[i] for i in index.tolist()]
         if not bool(((losses > low) & torch.isfinite(losses)).all()):  # one host synchronisation
             bad = {
                 n: float(v)
-                for n, v, m in zip(self.task_names, losses.tolist(), low.tolist())
+                for n, v, m in zip(names, losses.tolist(), low.tolist())
                 if not (math.isfinite(v) and v > m)
             }
             raise ValueError(
@@ -117,11 +131,21 @@ class FAMO(LossWeighting):
             )
 
     def compute_weights(self, losses: Tensor) -> Tensor:
+        return self.compute_present_weights(losses, None)
+
+    def compute_present_weights(self, losses: Tensor, present: list[bool] | None) -> Tensor:
+        """Partial labels: FAMO's weights over the present tasks (softmax of their logits), 0 for the others."""
         assert self._learnable is not None and self._min is not None
         detached = losses.detach().double()
-        self._check(detached, "of the step")
         xi = self._learnable.param.detach().to(detached.device)
-        return famo_effective_weights(xi, detached, self._min.to(detached.device)).to(losses.dtype)
+        low = self._min.to(detached.device)
+        if present is None:
+            self._check(detached, "of the step")
+            return famo_effective_weights(xi, detached, low).to(losses.dtype)
+        index = present_index(present, detached)
+        self._check(detached, "of the step", index)
+        w = on_present(lambda x: famo_effective_weights(xi[index], x, low[index]), detached, present)
+        return w.to(losses.dtype)
 
     def on_post_step_losses(
         self, module: pl.LightningModule, losses_before: Tensor, losses_after: Tensor
@@ -130,14 +154,22 @@ class FAMO(LossWeighting):
         learn = self._learnable
         learn.prepare(module.trainer, losses_before.device)
         after = losses_after.detach().double()
-        self._check(after, "after the optimizer step")
+        before = losses_before.detach().double()
+        present = self._present  # of the window's last micro-batch, whose losses these are
+        index = None if present is None else present_index(present, after)
+        self._check(after, "after the optimizer step", index)
         low = self._min.to(after.device)
         xi = learn.param.detach()
-        delta = famo_logits_grad(xi.double(), losses_before.detach().double(), after, low)
-        grad = (
-            delta.to(xi.dtype) + self.weight_decay * xi
-        )  # Adam's L2 weight decay, as torch.optim.Adam adds it
-        learn.accumulate(grad)
+        if index is None:
+            delta = famo_logits_grad(xi.double(), before, after, low)
+            # Adam's L2 weight decay, as torch.optim.Adam adds it
+            grad = delta.to(xi.dtype) + self.weight_decay * xi
+        else:  # the present tasks' logits only: softmax over them, their weight decay
+            ix = index.to(xi.device)
+            delta = famo_logits_grad(xi[ix].double(), before[index], after[index], low[index])
+            sub = delta.to(xi.dtype) + self.weight_decay * xi[ix]
+            grad = torch.zeros_like(xi).index_copy_(0, ix, sub)
+        learn.accumulate(grad, present)
         learn.step(module.trainer)
 
     def objective(self, losses: Tensor) -> Tensor:
@@ -146,6 +178,11 @@ class FAMO(LossWeighting):
         low = self._min.to(x.device)
         x = torch.maximum(x, low + 1e-300)  # a value to log even below the bound (the step raises)
         xi = self._learnable.param.detach().to(x.device)
+        if self._present is not None:
+            index = present_index(self._present, x)
+            if index.numel() == 0:
+                return losses.sum() * 0
+            xi, x, low = xi[index], x[index], low[index]
         return famo_objective(xi, x, low).to(losses.dtype)
 
     def extra_metrics(self) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from lightning_mtl.functional.loss_weighting import imtl_l_objective
 from lightning_mtl.step import StepContext
 from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeighting, JacobianMethod, SyncMode
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
-from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.strategies._loss_based import LossWeighting, present_index, present_mask
 from lightning_mtl.task_state import take_tasks
 
 _GRADIENT_EPS = torch.finfo(torch.float32).eps
@@ -48,13 +48,15 @@ class _LogScales:
 
     def accumulate(self, ctx: StepContext) -> Tensor:
         """Prepare the optimizer, add this micro-batch's ``(e^{s}L − 1)/k`` (rank-averaged losses) to the
-        gradient of ``s`` and return the scales ``e^{s}`` (float32, on the losses' device)."""
+        gradient of ``s`` and return the scales ``e^{s}`` (float32, on the losses' device). Partial labels
+        (``ctx.present``): only the present tasks' ``sᵢ`` take a gradient; a task absent from the whole window
+        keeps its ``sᵢ`` and its optimizer state (see :meth:`LearnableParameters.step`)."""
         learn = self.learnable
         learn.prepare(ctx.trainer, ctx.losses.device)
         scale = learn.param.detach().exp()
         grad = scale * ctx.global_losses - 1
         k = ctx.accumulate_grad_batches
-        learn.accumulate(grad if k == 1 else grad / k)
+        learn.accumulate(grad if k == 1 else grad / k, ctx.present)
         return scale
 
     def step(self, module: pl.LightningModule, skipped: bool, bounds: tuple[float, float] | None) -> None:
@@ -64,7 +66,7 @@ class _LogScales:
                 self.learnable.param.clamp_(*bounds)
 
     def discard(self) -> None:
-        self.learnable.param.grad = None
+        self.learnable.discard()
 
 
 class _LearnedLogScales:
@@ -134,6 +136,12 @@ class IMTLL(_LearnedLogScales, LossWeighting):
     exact under DDP and unaffected by AMP loss scaling and weight decay (LibMTL puts ``s`` in the model's
     optimizer, with its weight decay). They are checkpointed with the optimizer's state, by task name.
 
+    Partial labels: the objective is a sum of per-task terms, so a step with absent tasks keeps the present
+    tasks' terms (no renormalisation). An absent task has weight 0, its term ``e^{sᵢ}Lᵢ − sᵢ`` is left out of
+    the objective and ``train/loss``, and its ``sᵢ`` gets no gradient: when no micro-batch of the accumulation
+    window labels it, its ``sᵢ`` and its entries of the private optimizer's state (Adam's moments) are left
+    bit-for-bit untouched by the step (only the optimizer's shared step count counts it).
+
     Args:
         init: initial value of every ``sᵢ`` (default ``0.0``, the paper's).
         bounds: optional ``(low, high)`` clamp of ``s`` after each step: a loss that tends to 0 drives
@@ -153,18 +161,36 @@ class IMTLL(_LearnedLogScales, LossWeighting):
         super().__init__()
         self._set_log_scale_arguments("IMTLL", init, bounds, optimizer, lr)
 
+    #: partial labels: absent tasks' terms left out, their sᵢ and optimizer state untouched
+    supports_absent_tasks = True
+
     def backward(self, ctx: StepContext) -> None:
         assert self._scales is not None
         scale = self._scales.accumulate(ctx)
+        self._present = ctx.present
+        if ctx.present is not None:
+            scale = torch.where(present_mask(ctx.present, scale), scale, torch.zeros_like(scale))
         ctx.backward((scale * ctx.losses).sum())
         self._weights = scale
+
+    def objective(self, losses: Tensor) -> Tensor:
+        if self._present is None:
+            return super().objective(losses)
+        assert self._scales is not None
+        index = present_index(self._present, losses)
+        return imtl_l_objective(losses[index], self._scales.s.to(losses)[index])
 
     def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
         super().on_optimizer_step(module, skipped)
         self._weights = None  # s moved: weights_tensor() recomputes on demand
 
     def weights_tensor(self) -> Tensor | None:
-        return None if self._scales is None else self._scales.s.exp()
+        if self._scales is None:
+            return None
+        weights = self._scales.s.exp()
+        if self._present is not None:  # the tasks absent at the last step had weight 0
+            weights = torch.where(present_mask(self._present, weights), weights, torch.zeros_like(weights))
+        return weights
 
     def extra_metrics(self) -> dict[str, Tensor]:
         if self._scales is None:
@@ -210,6 +236,11 @@ class IMTL(_LearnedLogScales, GradientWeighting):
     ``s``. Exact under DDP with ``sync="exact"``; with ``sync="local"`` ``s`` still sees rank-averaged losses.
     (LibMTL keeps ``s`` in the model's optimizer, so weight decay applies to it; not here.)
 
+    Partial labels: in a step where some tasks are labelled on no rank, IMTL-G runs on the present tasks only
+    (their block of ``G'``, their scales ``e^{sᵢ}``): ``α`` sums to 1 over them and the absent tasks' ``α`` and
+    weight are 0 (their entries of the saved ``α`` keep their last value). The absent tasks' ``sᵢ`` and their
+    private optimizer state are left untouched as in :class:`IMTLL` (the learned scales are shared with it).
+
     Args:
         init: initial value of every ``sᵢ`` (default ``0.0``, the paper's).
         bounds: optional ``(low, high)`` clamp of ``s`` after each step (see :class:`IMTLL`). Default: none.
@@ -219,8 +250,8 @@ class IMTL(_LearnedLogScales, GradientWeighting):
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
 
-    #: partial labels: not yet (its per-task state has no narrowing)
-    supports_absent_tasks = False
+    #: partial labels: IMTL-G on the present tasks (``α`` narrowed, :meth:`method_task_dims`); ``s`` as IMTLL
+    supports_absent_tasks = True
 
     heads = "plain"  # overridden by head_weights(): the heads get e^{sᵢ}∇Lᵢ
 
@@ -257,6 +288,8 @@ class IMTL(_LearnedLogScales, GradientWeighting):
     def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:
         assert self._scale is not None
         d = self._scale.to(stat)
+        if self.present_index is not None:  # partial labels: the present tasks' scales
+            d = d[torch.tensor(self.present_index, dtype=torch.long, device=d.device)]
         alpha = imtl_g_weights(d[:, None] * stat * d[None, :], eps=_GRADIENT_EPS)  # G' = D G D
         self._alpha = alpha.float()
         return alpha * d
@@ -286,6 +319,14 @@ class IMTL(_LearnedLogScales, GradientWeighting):
         if alpha is not None and order is not None:
             alpha = take_tasks(alpha, order)
         self._alpha = None if alpha is None else alpha.clone()
+
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        """``α`` is per task: a step on the present tasks replaces their entries only."""
+        return {"alpha": (0,)}
+
+    def method_absent_fill(self) -> dict[str, float]:
+        """A task absent from the first update has ``α = 0`` until it is present."""
+        return {"alpha": 0.0}
 
     def task_state(self) -> dict[str, Any]:
         state = super().task_state()

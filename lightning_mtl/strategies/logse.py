@@ -16,7 +16,7 @@ from lightning_mtl.functional.log_losses import (
     scale_invariant_loss,
     scale_invariant_weights,
 )
-from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.strategies._loss_based import LossWeighting, present_index, present_mask
 
 
 class _LogLossWeighting(LossWeighting):
@@ -29,7 +29,14 @@ class _LogLossWeighting(LossWeighting):
     of the fit and before a checkpoint is written. A step with a bad loss gives that task weight 0 (its
     update is left out) and the error follows one step later, naming the task, the value, the batch and
     the fix. Every DDP rank sees the same averaged losses, so all ranks raise alike.
+
+    Partial labels: the objective is a sum of per-task terms, so a step with absent tasks sums the present
+    tasks' terms only (no renormalisation): weight 0 for an absent task, whose (zero) loss is neither checked
+    nor logged in the objective. No state.
     """
+
+    #: partial labels: the present tasks' terms only
+    supports_absent_tasks = True
 
     _name = "LogLoss"
     _loss_fn = staticmethod(scale_invariant_loss)
@@ -61,9 +68,21 @@ class _LogLossWeighting(LossWeighting):
         self._raise_if_bad(losses.detach().tolist(), self._where)
         return self._weights_fn(losses, self.eps)
 
+    def compute_present_weights(self, losses: Tensor, present: list[bool]) -> Tensor:
+        """Partial labels: the present tasks' weights ``scale/(Lᵢ + ε)``, 0 for the absent ones (whose zero
+        losses are replaced by 1 for the positivity check, so that they never raise)."""
+        mask = present_mask(present, losses)
+        weights = self.compute_weights(torch.where(mask, losses, torch.ones_like(losses)))
+        return torch.where(mask, weights, torch.zeros_like(weights))
+
     def objective(self, losses: Tensor) -> Tensor:
         # logged as train/loss every step, unchecked: a bad loss raises in compute_weights (on CUDA one step
         # later, after a NaN/-inf train/loss)
+        if self._present is not None:  # the present tasks' terms only
+            index = present_index(self._present, losses)
+            if index.numel() == 0:
+                return losses.sum() * 0
+            losses = losses.index_select(0, index)
         return self._loss_fn(losses, self.eps)
 
     # -------------------------------------------------------------------------------- the positivity check

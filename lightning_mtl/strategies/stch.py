@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_mtl.functional.slaw_stch import log_loss, log_loss_weights, stch_loss, stch_weights
-from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.strategies._loss_based import LossWeighting, on_present, present_index, present_mask
 from lightning_mtl.task_state import take_tasks
 
 if TYPE_CHECKING:
@@ -52,6 +53,14 @@ class STCH(LossWeighting):
     the nadir averages every micro-batch of the last warm-up epoch. The nadir, the running sum and count and
     the epoch are saved in checkpoints, by task name (a resume during the warm-up keeps the partial sums).
 
+    Partial labels: a step with absent tasks applies the method to the ``P`` present tasks: the warm-up
+    objective ``Σ_present log Lᵢ``, then ``P·μ·log Σ_present exp(pᵢℓᵢ/μ)`` with the preference of the present
+    tasks renormalised to sum ``P`` (the paper's simplex preference restricted to them); the absent tasks have
+    weight 0 and their (zero) losses are not checked. The nadir of a task averages its losses over the steps of
+    the last warm-up epoch that labelled it (per-task counts); an absent task's sum and count do not move. A
+    task labelled in no step of that epoch has no nadir: at its first labelled step after the warm-up its
+    nadir is set to that step's loss (a one-step estimate; a warning says so).
+
     Args:
         mu: μ > 0, the smoothing (authors' MTL code and LibMTL: 1.0); μ → 0 approaches Tchebycheff.
         warmup_epochs: number of log-loss epochs, >= 1 (the nadir needs one; default 5 as the official code).
@@ -90,7 +99,12 @@ class STCH(LossWeighting):
         self._epoch = -1  # index of the current epoch (-1 before the first batch)
         self._sum: Tensor | None = None
         self._count = 0
+        #: partial labels: per-task counts of the nadir epoch's labelled steps (``None``: each is ``_count``)
+        self._counts: Tensor | None = None
         self._nadir: Tensor | None = None
+
+    #: partial labels: the method over the present tasks, the nadir over each task's labelled steps
+    supports_absent_tasks = True
 
     def bind(self, tasks: Sequence[Task]) -> None:
         super().bind(tasks)
@@ -122,11 +136,11 @@ class STCH(LossWeighting):
         """Whether the current epoch is a log-loss warm-up epoch."""
         return self._epoch < self.warmup_epochs
 
-    def _check_positive(self, losses: Tensor) -> None:
+    def _check_positive(self, losses: Tensor, names: Sequence[str] | None = None) -> None:
         if not bool((losses > 0).all()) or not bool(torch.isfinite(losses).all()):
             bad = {
                 n: float(v)
-                for n, v in zip(self.task_names, losses.tolist())
+                for n, v in zip(self.task_names if names is None else names, losses.tolist())
                 if not (v > 0 and math.isfinite(v))
             }
             raise ValueError(
@@ -135,34 +149,92 @@ class STCH(LossWeighting):
             )
 
     def compute_weights(self, losses: Tensor) -> Tensor:
+        return self._stch_weights(losses, None)
+
+    def compute_present_weights(self, losses: Tensor, present: list[bool]) -> Tensor:
+        """Partial labels: the method on the present tasks (sum over them, preference renormalised to sum
+        ``P``), 0 for the absent ones; the nadir sums of the present tasks only."""
+        return self._stch_weights(losses, present)
+
+    def _present_preference(self, index: Tensor | None) -> Tensor | None:
+        """The preference of the present tasks (``index``; ``None``: all), renormalised to sum ``P``."""
+        if self._pref is None:
+            return None
+        pref = self._pref.to(index.device if index is not None else self._pref.device)
+        if index is None:
+            return pref
+        sub = pref[index]
+        return sub * (index.numel() / sub.sum())
+
+    def _stch_weights(self, losses: Tensor, present: list[bool] | None) -> Tensor:
         detached = losses.detach().double()
-        self._check_positive(detached)  # one host synchronisation, as GLS
+        index = None if present is None else present_index(present, detached)
+        if index is None:
+            self._check_positive(detached)  # one host synchronisation, as GLS
+        else:
+            self._check_positive(detached[index], [n for n, ok in zip(self.task_names, present) if ok])
         if self.in_warmup:
             if self._epoch == self.warmup_epochs - 1:  # the last warm-up epoch accumulates the nadir
-                self._sum = (
-                    detached.clone() if self._sum is None else self._sum.to(detached.device) + detached
-                )
-                self._count += 1
-            w = log_loss_weights(detached)
-        else:
-            if self._nadir is None:
-                if self._count == 0 or self._sum is None:
-                    raise RuntimeError(
-                        "STCH has no loss of the last warm-up epoch to estimate the nadir from."
+                if present is None and self._counts is None:
+                    self._sum = (
+                        detached.clone() if self._sum is None else self._sum.to(detached.device) + detached
                     )
-                self._nadir = self._sum / self._count
-            self._nadir = self._nadir.to(detached.device)
-            pref = None if self._pref is None else self._pref.to(detached.device)
-            w = stch_weights(detached, self._nadir, self.mu, pref)
+                else:  # partial labels: per-task sums and counts over the labelled steps
+                    mask = present_mask([True] * self.num_tasks if present is None else present, detached)
+                    if self._counts is None:
+                        self._counts = torch.full((self.num_tasks,), float(self._count), dtype=torch.float64)
+                    self._counts = self._counts.to(detached.device) + mask.double()
+                    masked = torch.where(mask, detached, torch.zeros_like(detached))
+                    self._sum = masked if self._sum is None else self._sum.to(detached.device) + masked
+                self._count += 1
+            w = on_present(log_loss_weights, detached, present)
+        else:
+            nadir = self._current_nadir(detached, index)
+            pref = self._present_preference(index)
+            sub = nadir if index is None else nadir[index]
+            w = on_present(lambda x: stch_weights(x, sub, self.mu, pref), detached, present)
         return w.to(losses.dtype)
+
+    def _current_nadir(self, losses: Tensor, index: Tensor | None) -> Tensor:
+        if self._nadir is None:
+            if self._count == 0 or self._sum is None:
+                raise RuntimeError("STCH has no loss of the last warm-up epoch to estimate the nadir from.")
+            if self._counts is None:
+                self._nadir = self._sum / self._count
+            else:  # partial labels: NaN for a task the nadir epoch never labelled
+                counts = self._counts.to(self._sum.device)
+                self._nadir = torch.where(
+                    counts > 0, self._sum / counts.clamp_min(1), torch.full_like(counts, float("nan"))
+                )
+        self._nadir = self._nadir.to(losses.device)
+        if self._counts is not None:
+            needed = torch.arange(self.num_tasks, device=losses.device) if index is None else index
+            missing = torch.isnan(self._nadir[needed])
+            if bool(missing.any()):
+                fill = needed[missing]
+                names = [self.task_names[i] for i in fill.tolist()]
+                rank_zero_warn(
+                    f"STCH: task(s) {names} were labelled in no step of the last warm-up epoch: their nadir is "
+                    "set to the loss of their first labelled step after the warm-up. Raise warmup_epochs or label "
+                    "them in the last warm-up epoch for an epoch-mean estimate."
+                )
+                self._nadir = self._nadir.index_copy(0, fill, losses[fill])
+        return self._nadir
 
     def objective(self, losses: Tensor) -> Tensor:
         x = losses.double().clamp_min(1e-300)
+        index = None if self._present is None else present_index(self._present, x)
+        if index is not None:
+            if index.numel() == 0:
+                return losses.sum() * 0
+            x = x[index]
         if self._nadir is None or self.in_warmup:
             value = log_loss(x)
         else:
-            pref = None if self._pref is None else self._pref.to(x.device)
-            value = stch_loss(x, self._nadir.to(x.device), self.mu, pref)
+            nadir = self._nadir.to(x.device)
+            value = stch_loss(
+                x, nadir if index is None else nadir[index], self.mu, self._present_preference(index)
+            )
         return value.to(losses.dtype)
 
     def extra_metrics(self) -> dict[str, Tensor]:
@@ -173,6 +245,7 @@ class STCH(LossWeighting):
     def reset_state(self) -> None:
         super().reset_state()
         self._epoch, self._sum, self._count, self._nadir = -1, None, 0, None
+        self._counts = None
 
     def state_config(self) -> dict[str, Any]:
         """``warmup_epochs`` decides which epoch's losses the nadir averages."""
@@ -185,6 +258,7 @@ class STCH(LossWeighting):
             "sum": None if self._sum is None else self._sum.cpu(),
             "count": self._count,
             "nadir": None if self._nadir is None else self._nadir.cpu(),
+            **({} if self._counts is None else {"counts": self._counts.cpu()}),
         }
 
     def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
@@ -193,4 +267,4 @@ class STCH(LossWeighting):
             return None if value is None else take_tasks(value, order).double()
 
         self._epoch, self._count = int(state["epoch"]), int(state["count"])
-        self._sum, self._nadir = take("sum"), take("nadir")
+        self._sum, self._nadir, self._counts = take("sum"), take("nadir"), take("counts")

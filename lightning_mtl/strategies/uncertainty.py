@@ -16,7 +16,7 @@ from lightning_mtl.functional.loss_weighting import (
     uncertainty_weights,
 )
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
-from lightning_mtl.strategies._loss_based import LossWeighting
+from lightning_mtl.strategies._loss_based import LossWeighting, present_index, present_mask
 from lightning_mtl.strategies.base import StepContext
 from lightning_mtl.task import TaskKind
 
@@ -43,6 +43,14 @@ class UncertaintyWeighting(LossWeighting):
     decay. They are saved in the checkpoint with the optimizer's state, by task name, with the regulariser
     and the task kinds (resuming under another one is an error).
 
+    Partial labels: the objective is a sum of independent per-task terms, so a step with absent tasks uses the
+    present tasks' terms only (no renormalisation; the paper's objective for the tasks that have data). An
+    absent task has weight 0, its term (regulariser included) is left out of the objective and of
+    ``train/loss``, and its parameter gets no gradient: when no micro-batch of the accumulation window labels
+    it, its ``sᵢ`` and its entries of the private optimizer's state (Adam's moments, SGD's momentum) are left
+    bit-for-bit untouched by the step (only the optimizer's shared step count, Adam's bias correction, counts
+    it). :attr:`weights` reports 0 for the tasks absent at the last step.
+
     Args:
         regularizer: ``"log"`` (Kendall et al.) or ``"positive"`` (Liebel & Körner).
         init: initial value of every learnable parameter; default ``0.0`` for ``sᵢ`` (σ² = 1) and ``1.0``
@@ -54,6 +62,9 @@ class UncertaintyWeighting(LossWeighting):
             decay 0), ``"adam"`` or ``"sgd"``.
         lr: learning rate of the learnable parameters; ``None`` follows the model's learning rate.
     """
+
+    #: partial labels: absent tasks' terms are left out, their parameters and optimizer state untouched
+    supports_absent_tasks = True
 
     def __init__(
         self,
@@ -133,14 +144,23 @@ class UncertaintyWeighting(LossWeighting):
         else:
             grad = uncertainty_objective_grad(ctx.global_losses, params, factors, self.regularizer)
         k = ctx.accumulate_grad_batches
-        learn.accumulate(grad if k == 1 else grad / k)
+        self._present = ctx.present
+        learn.accumulate(grad if k == 1 else grad / k, ctx.present)
+        if ctx.present is not None:  # partial labels: an absent task's term is left out
+            weights = torch.where(present_mask(ctx.present, weights), weights, torch.zeros_like(weights))
         ctx.backward((weights * ctx.losses).sum())
         self._weights = weights
 
     def objective(self, losses: Tensor) -> Tensor:
         assert self._learnable is not None and self._factors is not None
         p = self._learnable.param.detach()
-        return uncertainty_objective(losses, p, self._factors.to(p.device), self.regularizer)
+        factors = self._factors.to(p.device)
+        if self._present is not None:  # the present tasks' terms only
+            index = present_index(self._present, p)
+            p, factors, losses = p[index], factors[index], losses[index.to(losses.device)]
+            if index.numel() == 0:
+                return losses.sum()
+        return uncertainty_objective(losses, p, factors, self.regularizer)
 
     def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
         assert self._learnable is not None
@@ -152,7 +172,7 @@ class UncertaintyWeighting(LossWeighting):
 
     def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
         if self._learnable is not None:
-            self._learnable.param.grad = None
+            self._learnable.discard()
 
     def reset_state(self) -> None:
         super().reset_state()
@@ -162,7 +182,10 @@ class UncertaintyWeighting(LossWeighting):
         if self._learnable is None or self._factors is None:
             return None
         p = self._learnable.param.detach()
-        return uncertainty_weights(p, self._factors.to(p.device), self.regularizer)
+        weights = uncertainty_weights(p, self._factors.to(p.device), self.regularizer)
+        if self._present is not None:  # the tasks absent at the last step had weight 0
+            weights = torch.where(present_mask(self._present, weights), weights, torch.zeros_like(weights))
+        return weights
 
     def extra_metrics(self) -> dict[str, Tensor]:
         if self._learnable is None:

@@ -23,8 +23,8 @@ but skip the reduction and the method's solver.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -46,6 +46,7 @@ from lightning_mtl.strategies._random import SeededGenerator
 from lightning_mtl.strategies.base import MTLStrategy
 
 GradientMode = Literal["parameters", "representation"]
+_R = TypeVar("_R")
 
 __all__ = ["GradientMode", "GradientWeighting", "JacobianMethod", "SyncMode"]
 
@@ -86,7 +87,8 @@ class GradientWeighting(MTLStrategy):
     max_norm: float | None = None
     #: partial labels: the weights of a step with absent tasks are computed on the present tasks' rows only
     #: (absent ones get 0), with the method's per-task state narrowed to them and written back
-    #: (:meth:`method_task_dims`); a stateful method without declared task dimensions sets it to ``False``
+    #: (:meth:`method_task_dims`, :meth:`method_absent_fill`, :meth:`merge_present_state`); a stateful method
+    #: without declared task dimensions sets it to ``False``
     supports_absent_tasks = True
 
     def __init__(
@@ -120,6 +122,7 @@ class GradientWeighting(MTLStrategy):
 
     def _reset(self) -> None:
         self._window_present: list[bool] | None = None
+        self._present_index: list[int] | None = None
         self._narrow = False
         self._weights: Tensor | None = None
         self._since_update = 0
@@ -158,6 +161,35 @@ class GradientWeighting(MTLStrategy):
         a ``T × T`` matrix): how a step with absent tasks narrows the state to the present tasks and writes the
         result back. Entries without task dimensions (counters) take the narrowed step's value."""
         return {}
+
+    def method_absent_fill(self) -> dict[str, float]:
+        """The initial value of each task-dimensioned tensor of :meth:`method_state` (e.g. ``{"targets": 0.0}``):
+        when a step with absent tasks finds no state yet (``None``: the method's first update), the narrowed
+        result is written into a full-size tensor holding this value for the absent tasks, so that the present
+        tasks' first update is kept. A key not listed stays ``None`` until an update with every task."""
+        return {}
+
+    def merge_present_state(
+        self, full: Mapping[str, Any], narrowed: Mapping[str, Any], present: list[int]
+    ) -> dict[str, Any]:
+        """The full method state after a step on the present tasks only: ``full`` with the present tasks'
+        entries replaced by ``narrowed``'s along :meth:`method_task_dims` (fresh tensors filled by
+        :meth:`method_absent_fill` where ``full`` has none). Override for a state with a constraint across
+        tasks (ExcessMTL's ``Σ w = T``)."""
+        return _write_back(
+            dict(full),
+            dict(narrowed),
+            self.method_task_dims(),
+            present,
+            fill=self.method_absent_fill(),
+            num_tasks=self.num_tasks,
+        )
+
+    @property
+    def present_index(self) -> list[int] | None:
+        """While :meth:`compute_weights` runs on the present tasks only (partial labels): their indices in
+        task order (for per-task inputs that are not method state, e.g. IMTL's scales); ``None`` otherwise."""
+        return self._present_index
 
     @property
     def generator(self) -> torch.Generator:
@@ -218,7 +250,7 @@ class GradientWeighting(MTLStrategy):
         G = stat if self.needs == "gramian" else None
         if G is not None:
             self._metrics["train/grad/cos_min"] = cosine_min(G).float()
-        self._warn_unreached(stat, weights)
+        self._warn_unreached(stat, weights, present)
         if self.sync == "local" and ctx.world_size > 1:
             self._weights = reduce_mean(ctx.trainer, weights)
             self._average_method_state(ctx)
@@ -233,28 +265,46 @@ class GradientWeighting(MTLStrategy):
         tasks get weight 0 and keep their state."""
         index = torch.tensor(present, device=stat.device)
         sub = stat[index][:, index] if self.needs == "gramian" else stat[index]
+        sub_losses = losses[index.to(losses.device)]
+        sub_weights = self._on_present_tasks(present, lambda: self.compute_weights(sub, sub_losses))
+        weights = sub_weights.new_zeros(self.num_tasks)
+        weights[index.to(weights.device)] = sub_weights
+        return weights
+
+    def _on_present_tasks(self, present: list[int], compute: Callable[[], _R]) -> _R:
+        """Run ``compute`` as if the problem had only the ``present`` tasks (partial labels): task names,
+        :attr:`present_index` and the method's state are narrowed to them (each tensor along its
+        :meth:`method_task_dims`, then ``load_method_state(narrowed, None)``), and afterwards the state is merged
+        back (:meth:`merge_present_state`), so that the absent tasks' entries stay as they were. On an error the
+        full state is restored."""
         full_state = dict(self.method_state())
-        dims = self.method_task_dims()
         names, tasks = self._task_names, self._tasks
         assert names is not None
         try:
             self._task_names = tuple(names[i] for i in present)
             self._tasks = None if tasks is None else tuple(tasks[i] for i in present)
-            self.load_method_state(full_state, present) if full_state else None
-            sub_weights = self.compute_weights(sub, losses[index.to(losses.device)])
+            self._present_index = list(present)
+            if full_state:
+                self.load_method_state(_narrow(full_state, self.method_task_dims(), present), None)
+            result = compute()
             narrowed = dict(self.method_state())
+        except BaseException:
+            self._task_names, self._tasks, self._present_index = names, tasks, None
+            self.load_method_state(full_state, None) if full_state else None
+            raise
         finally:
-            self._task_names, self._tasks = names, tasks
+            self._task_names, self._tasks, self._present_index = names, tasks, None
         if full_state:
-            self.load_method_state(_write_back(full_state, narrowed, dims, present), None)
-        weights = sub_weights.new_zeros(len(names))
-        weights[index.to(weights.device)] = sub_weights
-        return weights
+            self.load_method_state(self.merge_present_state(full_state, narrowed, present), None)
+        return result
 
-    def _warn_unreached(self, stat: Tensor, weights: Tensor) -> None:
-        """Warn once per task whose loss does not reach the shared parameters (a zero gradient row)."""
+    def _warn_unreached(self, stat: Tensor, weights: Tensor, present: Sequence[bool] | None = None) -> None:
+        """Warn once per task whose loss does not reach the shared parameters (a zero gradient row); an absent
+        task (partial labels: ``present[i]`` false) has a zero row because it has no loss, not a warning."""
         squared = stat.diagonal() if self.needs == "gramian" else (stat * stat).sum(dim=1)
         zero = (squared == 0).tolist()
+        if present is not None:
+            zero = [z and ok for z, ok in zip(zero, present)]
         if not any(zero) or all(zero):
             return
         shown = {n: round(w, 4) for n, w in zip(self.task_names, weights.tolist())}
@@ -338,10 +388,33 @@ def _window_presence(window: list[bool] | None, present: list[bool] | None, star
     return [a or b for a, b in zip(window, present)]
 
 
-def _write_back(
-    full: dict[str, Any], narrowed: dict[str, Any], dims: Mapping[str, tuple[int, ...]], present: list[int]
+def _narrow(
+    full: Mapping[str, Any], dims: Mapping[str, tuple[int, ...]], present: list[int]
 ) -> dict[str, Any]:
-    """``full`` with the present tasks' entries replaced by ``narrowed``'s (along each key's task ``dims``)."""
+    """``full`` with each tensor's task ``dims`` restricted to the ``present`` tasks (in their order)."""
+    narrowed = dict(full)
+    for key, task_dims in dims.items():
+        value = full.get(key)
+        if isinstance(value, Tensor) and task_dims:
+            index = torch.tensor(present, dtype=torch.long, device=value.device)
+            for d in task_dims:
+                value = value.index_select(d, index)
+            narrowed[key] = value
+    return narrowed
+
+
+def _write_back(
+    full: dict[str, Any],
+    narrowed: dict[str, Any],
+    dims: Mapping[str, tuple[int, ...]],
+    present: list[int],
+    *,
+    fill: Mapping[str, float] | None = None,
+    num_tasks: int | None = None,
+) -> dict[str, Any]:
+    """``full`` with the present tasks' entries replaced by ``narrowed``'s (along each key's task ``dims``).
+    A key whose full value does not exist yet (``None``) gets a fresh full-size tensor of ``fill[key]`` for the
+    absent tasks when ``fill`` names it (and ``num_tasks`` is given); otherwise it stays ``None``."""
     merged = dict(full)
     for key, value in narrowed.items():
         task_dims = dims.get(key, ())
@@ -349,6 +422,11 @@ def _write_back(
         if not task_dims:
             merged[key] = value  # no task dimension (a counter): the narrowed step's value
             continue
+        if isinstance(value, Tensor) and old is None and fill and key in fill and num_tasks is not None:
+            shape = list(value.shape)
+            for d in task_dims:
+                shape[d] = num_tasks
+            old = torch.full(shape, float(fill[key]), dtype=value.dtype, device=value.device)
         if not isinstance(value, Tensor) or not isinstance(old, Tensor):
             continue  # no full-size value to write into (e.g. no state yet): the absent tasks' stays as it was
 

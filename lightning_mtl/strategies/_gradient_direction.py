@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_mtl.gradients import JacobianMethod, SyncMode, nan_weights
 from lightning_mtl.step import StepContext, reduce_mean
-from lightning_mtl.strategies._gradient_based import GradientWeighting
+from lightning_mtl.strategies._gradient_based import GradientWeighting, _window_presence
 
 __all__ = ["Direction", "GradientDirection"]
 
@@ -42,6 +42,12 @@ class GradientDirection(GradientWeighting):
     """Base of the strategies whose shared update is a direction ``d`` computed from the per-task gradients and
     the method's state (not ``Jᵀw`` of the step's Jacobian).
 
+    Partial labels: in a step (an accumulation window) where some tasks are labelled on no rank,
+    :meth:`compute_direction` sees a problem of the present tasks only: their Jacobian rows, their losses and
+    their per-task state (narrowed along :meth:`~GradientWeighting.method_task_dims` and merged back after the
+    step, as :class:`GradientWeighting` does for weights). The absent tasks' logged weights and head
+    coefficients are 0 and their state stays bit-for-bit as it was.
+
     Subclasses implement :meth:`compute_direction`; they set :attr:`batch_parts` to ``k > 1`` to receive the
     Jacobians ``[k, T, P]`` of ``k`` disjoint parts of the batch (independent gradient samples) instead of the
     whole batch's ``[T, P]``. State, checkpoints and ``sync`` are as in :class:`GradientWeighting`; the weights
@@ -58,7 +64,9 @@ class GradientDirection(GradientWeighting):
     """
 
     needs = "jacobian"
-    #: partial labels: not yet (the directions are built from per-task state of every task)
+    #: partial labels: a subclass whose direction is defined on any subset of the tasks and whose per-task state
+    #: declares its task dimensions (:meth:`~GradientWeighting.method_task_dims`) sets it to ``True``; the step
+    #: with absent tasks is then built from the present tasks' rows and state only (see above)
     supports_absent_tasks = False
 
     def __init__(
@@ -80,6 +88,8 @@ class GradientDirection(GradientWeighting):
         if ctx.is_window_start:
             gradients.reset()
         gradients.add(ctx)
+        # partial labels: a task is present in the window when one of its micro-batches labels it
+        self._window_present = _window_presence(self._window_present, ctx.present, ctx.is_window_start)
         if not ctx.is_sync_step:
             return
         J = gradients.part_jacobians(ctx) if self.batch_parts > 1 else gradients.jacobian(ctx)
@@ -96,10 +106,14 @@ class GradientDirection(GradientWeighting):
         self._clip_pending = True
 
     def _direction(self, ctx: StepContext, J: Tensor, losses: Tensor) -> Direction:
-        result = self.compute_direction(J, losses)
+        present, self._window_present = self._window_present, None
+        if present is None or all(present):
+            result = self.compute_direction(J, losses)
+        else:
+            result = self._present_direction(J, losses, [i for i, ok in enumerate(present) if ok])
         weights = result.weights.detach().to(device=ctx.losses.device, dtype=torch.float32)
         whole = J if J.dim() == 2 else J.mean(0)
-        self._warn_unreached(whole, weights)
+        self._warn_unreached(whole, weights, present)
         if self.sync == "local" and ctx.world_size > 1:
             self._weights = reduce_mean(ctx.trainer, weights)
             self._average_method_state(ctx)
@@ -107,3 +121,20 @@ class GradientDirection(GradientWeighting):
             self._weights = weights
         self._since_update = 0
         return Direction(result.shared.detach(), weights, result.heads.detach().to(ctx.losses.device))
+
+    def _present_direction(self, J: Tensor, losses: Tensor, present: list[int]) -> Direction:
+        """:meth:`compute_direction` on the present tasks' rows (``J[..., present, :]``), losses and state only;
+        the absent tasks' weights and head coefficients are 0 (their losses have no gradient)."""
+        index = torch.tensor(present, device=J.device)
+        sub_J = J.index_select(J.dim() - 2, index)
+        sub_losses = losses[index.to(losses.device)]
+        result = self._on_present_tasks(present, lambda: self.compute_direction(sub_J, sub_losses))
+        return Direction(
+            result.shared, self._scatter(result.weights, index), self._scatter(result.heads, index)
+        )
+
+    def _scatter(self, values: Tensor, index: Tensor) -> Tensor:
+        """``[len(index)]`` values of the present tasks as ``[T]``, 0 for the absent ones."""
+        out = values.new_zeros(self.num_tasks)
+        out[index.to(out.device)] = values
+        return out

@@ -55,11 +55,19 @@ class DBMTL(GradientDirection):
     Memory: ``Ĝ`` is ``T × P`` in the Jacobian's dtype on its device. ``Ĝ`` and ``k`` are saved in
     checkpoints (``Ĝ`` on the CPU) and restored by task name.
 
+    Partial labels: a step where some tasks are labelled on no rank is the update above on the present tasks
+    only: their rows of ``Ĝ`` move, ``αᵢ`` is taken against the largest present ``‖ĝⱼ‖``, and the shared
+    parameters receive ``Σ_present αᵢĝᵢ``. The absent tasks' rows of ``Ĝ`` stay bit-for-bit as they were (a
+    stale average is not added to the update), their logged weight and head coefficient are 0. ``k`` counts
+    every update. When the first update has absent tasks their rows start at 0 (``ĝ₀ = 0``).
+
     Args:
         beta: ``β ∈ [0, 1)``, the memory of the moving average (default 0.9; 0: no averaging).
         beta_sigma: ``σ ≥ 0``, decay exponent of ``βₖ = β/k^σ`` (default 0).
         sync, jacobian: see :class:`~lightning_mtl.strategies._gradient_direction.GradientDirection`.
     """
+
+    supports_absent_tasks = True
 
     def __init__(
         self,
@@ -122,6 +130,14 @@ class DBMTL(GradientDirection):
         if order is not None:
             ema = take_tasks(ema, order)
         self._state = DBMTLState(ema, int(step))
+
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        """The rows of ``Ĝ`` are per task; ``k`` counts every update."""
+        return {"ema": (0,)}
+
+    def method_absent_fill(self) -> dict[str, float]:
+        """``ĝ₀ = 0``."""
+        return {"ema": 0.0}
 
     def task_state(self) -> dict[str, Any]:
         """The base's checkpoint state, with ``Ĝ`` copied to the CPU (a checkpoint loads on any device)."""

@@ -14,6 +14,8 @@ from lightning_mtl.strategies._gradient_based import GradientMode, GradientWeigh
 from lightning_mtl.task_state import take_tasks
 
 _KEYS = ("sq_grad_sum", "baseline", "log_weights")
+#: ``log w`` whose log-sum-exp is within this of ``log T`` is taken as normalised (not shifted on load)
+_NORMALISED = 1e-9
 
 
 class ExcessMTL(GradientWeighting):
@@ -64,6 +66,15 @@ class ExcessMTL(GradientWeighting):
     state ``S``, ``e⁰`` and ``log w`` is saved in checkpoints (``S`` on the CPU) and restored by task name.
     ``train/excess_mtl/relative_excess/<task>`` logs ``rᵢ``.
 
+    Partial labels: a step where some tasks are labelled on no rank is the update above on the present tasks
+    only, as a problem of ``|P|`` tasks: their rows of ``S`` accumulate, a present task whose baseline is unset
+    (absent so far) sets it now, and their ``log w`` (renormalised to sum ``|P|`` over them: the paper's
+    simplex over the present tasks, times ``|P|``) take the exponentiated-gradient step; the step's weights
+    are those (sum ``|P|``), 0 for the absent tasks. The new present weights are written back scaled by the
+    share of ``T`` they had before the step, so ``Σ w = T`` still holds over all tasks and the absent tasks'
+    ``S`` rows, ``e⁰`` and ``log w`` stay bit-for-bit as they were. When the first update has absent tasks their
+    state starts as the authors' first call would leave it (``S = 0``, ``e⁰`` unset, ``w = 1``).
+
     Args:
         robust_step_size: ``η > 0``, the exponentiated-gradient step (default ``1e-2``, the default of the
             authors' ``--robust_step_size`` in their ``LibMTL/config.py``, as in LibMTL; TorchJD defaults to
@@ -73,9 +84,6 @@ class ExcessMTL(GradientWeighting):
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
         seed: unused (the method draws no random numbers); accepted for the common signature.
     """
-
-    #: partial labels: not yet (its per-task statistics have no narrowing)
-    supports_absent_tasks = False
 
     needs = "jacobian"
 
@@ -147,7 +155,8 @@ class ExcessMTL(GradientWeighting):
     def load_method_state(self, state: Mapping[str, Any], order: Sequence[int] | None = None) -> None:
         """Restore :meth:`method_state`; ``order[i]`` is the saved index of task ``i`` (``None``: same order).
         The rows of ``S`` and the entries of ``e⁰`` and ``log w`` are reordered; ``log w`` is renormalised
-        (after ``sync="local"`` averaged it over ranks)."""
+        when it is not (after ``sync="local"`` averaged it over ranks, or narrowed to the present tasks), and
+        kept bit-for-bit when it is."""
         values = [state.get(key) for key in _KEYS]
         if all(v is None for v in values):
             self._state = None
@@ -161,9 +170,40 @@ class ExcessMTL(GradientWeighting):
         S, baseline, log_weights = (v.detach() for v in values)
         if order is not None:
             S, baseline, log_weights = (take_tasks(v, order) for v in (S, baseline, log_weights))
+        log_weights = log_weights.to(device="cpu", dtype=torch.float64)
+        T = log_weights.numel()
+        if abs(float(torch.logsumexp(log_weights, 0)) - math.log(T)) > _NORMALISED:
+            log_weights = normalized_log_weights(log_weights)  # else kept bit-for-bit (partial labels)
         self._state = ExcessMTLState(  # S is updated in place: a copy, not the caller's tensor
-            S.clone(), baseline.to(device="cpu", dtype=torch.float64), normalized_log_weights(log_weights)
+            S.clone(), baseline.to(device="cpu", dtype=torch.float64), log_weights.clone()
         )
+
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        """The rows of ``S`` and the entries of ``e⁰`` and ``log w`` are per task."""
+        return {key: (0,) for key in _KEYS}
+
+    def method_absent_fill(self) -> dict[str, float]:
+        """``S = 0``, ``e⁰`` unset (0), ``log w = 0`` (``w = 1``): the state before the authors' first call."""
+        return dict.fromkeys(_KEYS, 0.0)
+
+    def merge_present_state(
+        self, full: Mapping[str, Any], narrowed: Mapping[str, Any], present: list[int]
+    ) -> dict[str, Any]:
+        """The base's merge, with the present tasks' new ``log w`` (normalised to ``|P|`` over them) shifted to
+        the share of ``T`` they had before the step: ``Σ w = T`` over all tasks, the absent tasks' untouched."""
+        merged = super().merge_present_state(full, narrowed, present)
+        new = narrowed.get("log_weights")
+        if isinstance(new, Tensor):
+            old = full.get("log_weights")
+            before = torch.zeros(self.num_tasks, dtype=torch.float64)  # w = 1 before the first update
+            if isinstance(old, Tensor):
+                before = old.detach().to(device="cpu", dtype=torch.float64)
+            index = torch.tensor(present, dtype=torch.long)
+            share = torch.logsumexp(before[index], 0) - math.log(len(present))
+            out = before.clone()
+            out[index] = new.detach().to(device="cpu", dtype=torch.float64) + share
+            merged["log_weights"] = out
+        return merged
 
     def task_state(self) -> dict[str, Any]:
         """The base's checkpoint state, with a copy of ``S`` on the CPU (a checkpoint loads on any device, and

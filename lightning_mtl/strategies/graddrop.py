@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_mtl.functional.gradient_methods import graddrop
 from lightning_mtl.gradients import JacobianMethod, TaskGradients, grad_scale
 from lightning_mtl.step import StepContext
+from lightning_mtl.strategies._gradient_based import _window_presence
 from lightning_mtl.strategies._random import SeededGenerator
 from lightning_mtl.strategies.base import MTLStrategy
 from lightning_mtl.task import Task
@@ -36,12 +37,21 @@ class GradDrop(MTLStrategy):
     ``U`` on every rank; with gradient accumulation, per micro-batch. The draws come from a CPU generator
     seeded with ``seed`` (default: the global seed), saved in checkpoints.
 
+    Partial labels: in a step (an accumulation window) where some tasks are labelled on no rank, the purity,
+    the masks and the sum use the present tasks' rows only (an absent task has no loss: its row would be zero
+    and change nothing, so this is the paper's rule on the present tasks, with the same draw ``U``). GradDrop
+    has no per-task state; a task labelled on some ranks but not on this one has a zero row here, as any task
+    whose loss does not reach the representation on this rank's batch.
+
     Args:
         leak: ``ℓ`` in ``[0, 1]``: a float for every task or a ``task -> value`` mapping (default 0; 1 lets a
             main task's gradient through unmasked).
         seed: generator seed (``None``: the global seed).
         jacobian: ``"auto"``, ``"batched"`` or ``"loop"`` (how the per-task representation gradients are taken).
     """
+
+    #: partial labels: the present tasks' rows only (no per-task state)
+    supports_absent_tasks = True
 
     def __init__(
         self,
@@ -72,6 +82,7 @@ class GradDrop(MTLStrategy):
         )
         self._leak: Tensor | None = None
         self._random = SeededGenerator(seed)
+        self._window_present: list[bool] | None = None  # which tasks the current window labels (None: all)
 
     def bind(self, tasks: Sequence[Task]) -> None:
         super().bind(tasks)
@@ -100,13 +111,22 @@ class GradDrop(MTLStrategy):
         if ctx.is_window_start:
             gradients.reset()
         gradients.add(ctx)
+        # partial labels: a task is present in the window when one of its micro-batches labels it
+        self._window_present = _window_presence(self._window_present, ctx.present, ctx.is_window_start)
         if not ctx.is_sync_step:
             return
+        present, self._window_present = self._window_present, None
+        rows = None
+        if present is not None and not all(present):
+            rows = torch.tensor([i for i, ok in enumerate(present) if ok], dtype=torch.long)
         combined = []
         for z, Z in gradients.representations:
             grads = Z.reshape(self.num_tasks, *z.shape)
+            leak = self._leak
+            if rows is not None:  # the present tasks' rows only
+                grads, leak = grads[rows.to(grads.device)], leak[rows]
             if bool(torch.isfinite(grads).all()):
-                leak = self._leak.to(grads)
+                leak = leak.to(grads)
                 combined.append(graddrop(grads, z.detach(), leak=leak, generator=self.generator).reshape(-1))
             elif (
                 grad_scale(ctx.trainer) is not None

@@ -19,6 +19,7 @@ from lightning_mtl.functional.gradnorm import (
 )
 from lightning_mtl.gradients import JacobianMethod, TaskGradients, gramian
 from lightning_mtl.step import StepContext
+from lightning_mtl.strategies._gradient_based import _window_presence
 from lightning_mtl.strategies._learnable import LearnableParameters, OptimizerChoice
 from lightning_mtl.strategies.base import MTLStrategy
 from lightning_mtl.task_state import take_tasks
@@ -48,6 +49,17 @@ class GradNorm(MTLStrategy):
     per-task gradients are computed on the loss times the GradScaler's scale (then unscaled), and a step the
     scaler skips does not update ``w``.
 
+    Partial labels: in a step (an accumulation window) where some tasks are labelled on no rank, GradNorm runs
+    on the present tasks ``P`` only. The network steps on ``Σ_P wᵢLᵢ`` with the learned weights as they are
+    (not rescaled); ``Ḡ`` and the mean of ``L̃`` in ``rᵢ`` are taken over ``P`` (the paper's objective for the
+    task set ``P``), only ``w_P`` gets a gradient, and the private optimizer steps only those entries (the
+    absent tasks' values and Adam moments are restored bit-for-bit; Adam's step count, shared by all entries,
+    counts the step). The renormalisation keeps ``Σ w = T``: the present weights are clamped and rescaled to
+    the sum ``T − Σ_absent wᵢ`` they had before the step, so the absent weights are untouched. ``Lᵢ(0)`` is
+    recorded from the first ``initial_loss_steps`` steps in which task ``i`` is labelled (a task absent at the
+    start gets its ``Lᵢ(0)`` when it first appears). An absent task's logged weight is 0 for that step, and
+    its ``grad_norm``/``inverse_rate`` are not logged.
+
     Args:
         alpha: the asymmetry α ≥ 0 (paper: 1.5 on NYUv2, 0.12 on its synthetic toy; results insensitive in
             (0, 3) per the paper). Default 1.5.
@@ -68,6 +80,8 @@ class GradNorm(MTLStrategy):
         jacobian: how the ``T`` per-task gradients of ``W`` are computed: ``"auto"`` (one batched backward,
             falling back to a loop of ``T`` passes where ``vmap`` fails), ``"batched"`` or ``"loop"``.
     """
+
+    supports_absent_tasks = True
 
     def __init__(
         self,
@@ -118,11 +132,14 @@ class GradNorm(MTLStrategy):
         self.min_weight = float(min_weight)
         self._learnable: LearnableParameters | None = None
         self._layer_params: list[nn.Parameter] | None = None
-        # L(0): sum and count of the first windows' mean losses (identical on every rank)
+        # L(0): per task, sum and count of the mean losses of the first windows that label it (identical on
+        # every rank)
         self._initial_sum: Tensor | None = None
-        self._initial_count = 0
-        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (w, nᵢ, rᵢ) of the last window
-        self._layer_checked = False  # the first window checks that every task reaches the layer
+        self._initial_count: Tensor | None = None  # [T] int64
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (w, nᵢ, rᵢ) of the last window's tasks
+        self._last_present: list[int] | None = None  # partial labels: the last window's present tasks
+        self._window_present: list[bool] | None = None  # which tasks the current window labels (None: all)
+        self._layer_checked: set[int] = set()  # tasks checked to reach the layer (at their first window)
 
     # ------------------------------------------------------------------ binding
     def bind(self, tasks) -> None:  # noqa: ANN001 - see MTLStrategy.bind
@@ -206,6 +223,8 @@ class GradNorm(MTLStrategy):
         learn.prepare(ctx.trainer, ctx.losses.device)
         if ctx.is_window_start:
             self._gradients.reset()
+        # partial labels: a task is present in the window when one of its micro-batches labels it
+        self._window_present = _window_presence(self._window_present, ctx.present, ctx.is_window_start)
         self._gradients.add(ctx, keep_graph=False)  # before the backward frees the graph
         weights = learn.param.detach().to(ctx.losses.dtype)
         ctx.backward((weights * ctx.losses).sum())
@@ -217,45 +236,81 @@ class GradNorm(MTLStrategy):
         layer_grads = self._gradients.jacobian(ctx)  # [T, |W|] of the global batch
         window_losses = self._gradients.losses  # already rank-averaged
         self._gradients.reset()
-        if self._initial_count < self.initial_loss_steps:
-            if bool((window_losses <= 0).any()):
-                bad = {n: float(v) for n, v in zip(self.task_names, window_losses.tolist()) if v <= 0}
+        present_mask, self._window_present = self._window_present, None
+        T = len(self.task_names)
+        present = list(range(T)) if present_mask is None else [i for i in range(T) if present_mask[i]]
+        index = torch.tensor(present, dtype=torch.long)
+        if self._initial_count is None:
+            self._initial_count = torch.zeros(T, dtype=torch.long)
+            self._initial_sum = torch.zeros(T, dtype=torch.float64)
+        assert self._initial_sum is not None
+        recording = [i for i in present if int(self._initial_count[i]) < self.initial_loss_steps]
+        if recording:
+            values = window_losses.double().cpu()
+            bad = {self.task_names[i]: float(values[i]) for i in recording if not float(values[i]) > 0}
+            if bad:
                 raise ValueError(
                     f"GradNorm needs positive task losses for its loss ratios Lᵢ(t)/Lᵢ(0), got {bad} at the "
                     "start of training. Shift or rescale those losses to be positive (e.g. add a constant), or "
                     "use another strategy."
                 )
-            total = window_losses.double().cpu()
-            self._initial_sum = total if self._initial_sum is None else self._initial_sum + total
-            self._initial_count += 1
-        initial = (self._initial_sum / self._initial_count).to(window_losses)
+            rec = torch.tensor(recording, dtype=torch.long)
+            self._initial_sum[rec] += values[rec]
+            self._initial_count[rec] += 1
+        initial = (self._initial_sum / self._initial_count).to(window_losses)  # NaN for never-labelled tasks
         norms = torch.linalg.vector_norm(layer_grads, dim=1)
         if not bool(torch.isfinite(norms).all()) and bool(torch.isfinite(layer_grads).all()):
             norms = gramian(layer_grads).diagonal().sqrt().float()  # finite gradients whose norm overflows
-        if not self._layer_checked and bool((norms == 0).any()):
-            unreached = [t for t, n in zip(self.task_names, norms.tolist()) if n == 0]
+        unchecked = [i for i in present if i not in self._layer_checked]
+        unreached = [self.task_names[i] for i in unchecked if float(norms[i]) == 0]
+        if unreached:
             raise RuntimeError(
                 f"GradNorm: the loss of task(s) {unreached} has an exactly zero gradient on the layer GradNorm "
                 f"normalises ({self.layer if self.layer is not None else 'the last shared weight'}): it does not "
                 "go through it. Pass GradNorm(layer=...) naming the last layer that every task shares."
             )
-        self._layer_checked = True
+        self._layer_checked.update(unchecked)
         w = self._learnable.param.detach()
-        rates = inverse_training_rates(window_losses, initial)
-        if bool(torch.isfinite(norms).all()):
-            self._learnable.accumulate(gradnorm_weight_grad(w, norms, rates, self.alpha))
-        else:  # overflow of the scaled fp16 gradients: the scaler skips this step too
+        if present_mask is None:
+            rates = inverse_training_rates(window_losses, initial)
+            if bool(torch.isfinite(norms).all()):
+                self._learnable.accumulate(gradnorm_weight_grad(w, norms, rates, self.alpha))
+            else:  # overflow of the scaled fp16 gradients: the scaler skips this step too
+                self._learnable.param.grad = None
+            self._last = (w.clone(), norms.detach(), rates.detach())  # logged lazily (extra_metrics)
+            self._last_present = None
+            return
+        # partial labels: the GradNorm problem of the present tasks; only their weights get a gradient
+        dev = norms.device
+        w_p, n_p = w[index.to(w.device)], norms[index.to(dev)]
+        rates = inverse_training_rates(window_losses[index.to(window_losses.device)], initial[index.to(dev)])
+        if bool(torch.isfinite(n_p).all()):
+            grad = torch.zeros_like(w)
+            grad[index.to(w.device)] = gradnorm_weight_grad(w_p, n_p, rates, self.alpha).to(grad)
+            self._learnable.accumulate(grad, present=present_mask)
+        else:
             self._learnable.param.grad = None
-        self._last = (w.clone(), norms.detach(), rates.detach())  # logged lazily (extra_metrics)
+        self._last = (w_p.clone(), n_p.detach(), rates.detach())
+        self._last_present = present
 
     def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
         assert self._learnable is not None
         stepped = self._learnable.param.grad is not None and not skipped
+        present = self._last_present
+        param = self._learnable.param
+        if present is not None:  # partial labels: the absent weights' share of T, before the step
+            index = torch.tensor(present, dtype=torch.long, device=param.device)
+            absent = torch.ones(param.numel(), dtype=torch.bool, device=param.device)
+            absent[index] = False
+            absent_sum = float(param.detach()[absent].sum())
         self._learnable.step(module.trainer, skipped)
         if stepped:
             with torch.no_grad():
-                param = self._learnable.param
-                param.copy_(renormalize_weights(param, float(param.numel()), self.min_weight))
+                if present is None:
+                    param.copy_(renormalize_weights(param, float(param.numel()), self.min_weight))
+                else:  # Σ w = T with the absent weights untouched
+                    total = float(param.numel()) - absent_sum
+                    param[index] = renormalize_weights(param[index], total, self.min_weight)
 
     def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
         self._gradients.reset()
@@ -265,21 +320,30 @@ class GradNorm(MTLStrategy):
     def reset_state(self) -> None:
         super().reset_state()
         self._learnable = None  # bind() builds fresh weights (1) with a fresh optimizer
-        self._initial_sum, self._initial_count = None, 0  # Lᵢ(0) belongs to the new run
+        self._initial_sum, self._initial_count = None, None  # Lᵢ(0) belongs to the new run
         self._gradients.reset()
-        self._last = None
-        self._layer_checked = False
+        self._last, self._last_present, self._window_present = None, None, None
+        self._layer_checked = set()
 
     # ------------------------------------------------------------------ reporting and state
     @property
     def initial_losses(self) -> Tensor | None:
-        """``Lᵢ(0)`` as used now (the mean over the first ``initial_loss_steps`` steps), or ``None``."""
-        if self._initial_sum is None:
+        """``Lᵢ(0)`` as used now (the mean over the first ``initial_loss_steps`` steps that label task ``i``; NaN
+        for a task not labelled yet), or ``None``."""
+        if self._initial_sum is None or self._initial_count is None:
             return None
         return (self._initial_sum / self._initial_count).float()
 
     def weights_tensor(self) -> Tensor | None:
-        return None if self._learnable is None else self._learnable.param.detach()
+        """The learned ``w``; with partial labels, 0 for the tasks absent from the last step."""
+        if self._learnable is None:
+            return None
+        w = self._learnable.param.detach()
+        if self._last_present is not None:
+            mask = torch.zeros_like(w)
+            mask[torch.tensor(self._last_present, dtype=torch.long, device=w.device)] = 1
+            w = w * mask
+        return w
 
     def extra_metrics(self) -> dict[str, Tensor]:
         """``train/gradnorm/grad_norm/<task>`` (``Gᵢ = wᵢnᵢ``, with the weights the step used),
@@ -288,11 +352,12 @@ class GradNorm(MTLStrategy):
             return {}
         w, norms, rates = self._last
         G = w * norms
+        names = list(self.task_names)
+        if self._last_present is not None:  # partial labels: the present tasks only
+            names = [names[i] for i in self._last_present]
         metrics = {"train/gradnorm/loss_grad": gradnorm_objective(w, norms, rates, self.alpha)}
-        metrics.update({f"train/gradnorm/grad_norm/{t}": g for t, g in zip(self.task_names, G.unbind())})
-        metrics.update(
-            {f"train/gradnorm/inverse_rate/{t}": r for t, r in zip(self.task_names, rates.unbind())}
-        )
+        metrics.update({f"train/gradnorm/grad_norm/{t}": g for t, g in zip(names, G.unbind())})
+        metrics.update({f"train/gradnorm/inverse_rate/{t}": r for t, r in zip(names, rates.unbind())})
         return metrics
 
     def task_state(self) -> dict[str, Any]:
@@ -301,7 +366,7 @@ class GradNorm(MTLStrategy):
         return {
             "learnable": self._learnable.state_dict(),
             "initial_sum": None if self._initial_sum is None else self._initial_sum.clone(),
-            "initial_count": self._initial_count,
+            "initial_count": None if self._initial_count is None else self._initial_count.clone(),
         }
 
     def load_task_state(self, state: dict[str, Any], order: list[int]) -> None:
@@ -309,6 +374,17 @@ class GradNorm(MTLStrategy):
             return
         assert self._learnable is not None, "bind() builds the weights before a state is loaded"
         self._learnable.load_state_dict(state["learnable"], order)
-        initial = state["initial_sum"]
-        self._initial_sum = None if initial is None else take_tasks(initial.double().cpu(), order)
-        self._initial_count = int(state["initial_count"])
+        initial, count = state["initial_sum"], state["initial_count"]
+        self._initial_sum = None if initial is None else take_tasks(initial.double().cpu(), order).clone()
+        if initial is None:
+            self._initial_count = None
+        elif isinstance(count, Tensor):  # per task (partial labels)
+            self._initial_count = take_tasks(count.long().cpu(), order).clone()
+        else:  # an older checkpoint: one count for every task
+            self._initial_count = torch.full((len(order),), int(count), dtype=torch.long)
+        # the tasks recorded so far were checked to reach the layer
+        self._layer_checked = (
+            set(torch.nonzero(self._initial_count > 0).flatten().tolist())
+            if (self._initial_count is not None)
+            else set()
+        )

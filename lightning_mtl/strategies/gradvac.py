@@ -25,6 +25,11 @@ class GradVac(GradientWeighting):
     task-specific parameters get the plain gradient of ``Σ Lᵢ`` (as LibMTL and TorchJD).
     The targets ``[T, T]`` and the generator are saved in checkpoints and identical on every rank.
 
+    Partial labels: a step with absent tasks runs Algorithm 1 on the present tasks only (their Gramian block,
+    the random order drawn over them): the absent tasks get weight 0 and their rows and columns of ``φ̂``
+    (every target involving them) stay untouched; the present pairs' targets move as usual. When the first
+    update has absent tasks, the targets they are part of start at the paper's initial value 0.
+
     Args:
         beta: EMA rate of the targets (default 1e-2, a slow EMA; LibMTL and TorchJD default to 0.5, which
             tracks the latest cosines much faster; the paper leaves β as a hyper-parameter).
@@ -33,9 +38,6 @@ class GradVac(GradientWeighting):
         mode: ``"parameters"`` (default; the whole shared model is one group) or ``"representation"``.
         update_every, sync, jacobian: see :class:`~lightning_mtl.strategies.GradientWeighting`.
     """
-
-    #: partial labels: not yet (its per-task state has no narrowing)
-    supports_absent_tasks = False
 
     random = True
     heads = "plain"
@@ -79,6 +81,16 @@ class GradVac(GradientWeighting):
 
     def method_state(self) -> dict[str, Any]:
         return {"targets": None if self._targets is None else self._targets.clone()}
+
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        """The targets are ``T × T`` (the last two dimensions, after any per-group one): a step on the present
+        tasks updates their block only."""
+        lead = 0 if self._targets is None else self._targets.dim() - 2
+        return {"targets": (lead, lead + 1)}
+
+    def method_absent_fill(self) -> dict[str, float]:
+        """The targets start at 0 (the paper's initialisation)."""
+        return {"targets": 0.0}
 
     def load_method_state(self, state: Mapping[str, Any], order: Sequence[int] | None = None) -> None:
         """Restore :meth:`method_state`; ``order[i]`` is the saved index of task ``i`` (``None``: same order).

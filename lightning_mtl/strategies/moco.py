@@ -66,6 +66,14 @@ class MoCo(GradientDirection):
     Memory: ``Y`` is ``T × P`` in the Jacobian's dtype on its device. ``Y``, ``λ`` and ``k`` are saved in
     checkpoints (``Y`` on the CPU) and restored by task name.
 
+    Partial labels: a step where some tasks are labelled on no rank is the update above on the present tasks
+    only: their rows of ``Y`` track their gradients, and their ``λ``, rescaled to sum 1 over them (uniform if
+    their share is 0), takes the projected step on the present tasks' simplex; the result is written back
+    scaled by the share ``Σ_present λ`` they had, so ``λ`` stays on the full simplex. The absent tasks' rows of
+    ``Y`` and entries of ``λ`` stay bit-for-bit as they were; their logged weight is 0 and the shared update
+    is ``Y_presentᵀλ_present``. ``k`` counts every update (a task coming back takes the current ``βₖ``, ``γₖ``).
+    When the first update has absent tasks their ``Y`` rows start at 0 and their ``λ`` at ``1/T``.
+
     Args:
         beta: ``β ∈ (0, 1]``, the tracking step (default 0.5; ``β = 1, beta_sigma = 0``: no tracking).
         beta_sigma: ``σβ ≥ 0``, decay exponent of the tracking step (default 0.5).
@@ -76,6 +84,8 @@ class MoCo(GradientDirection):
         projection: ``"simplex"`` (default, the paper) or ``"softmax"`` (LibMTL).
         sync, jacobian: see :class:`~lightning_mtl.strategies._gradient_direction.GradientDirection`.
     """
+
+    supports_absent_tasks = True
 
     def __init__(
         self,
@@ -157,7 +167,39 @@ class MoCo(GradientDirection):
         tracked, lambdas = tracked.detach(), lambdas.detach().to(device="cpu", dtype=torch.float64)
         if order is not None:
             tracked, lambdas = take_tasks(tracked, order), take_tasks(lambdas, order)
+        if self.present_index is not None:  # partial labels: the present tasks' λ on their own simplex
+            share = float(lambdas.sum())
+            lambdas = lambdas / share if share > 0 else torch.full_like(lambdas, 1.0 / lambdas.numel())
         self._state = MoCoState(tracked, lambdas, int(step))
+
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        """The rows of ``Y`` and the entries of ``λ`` are per task; ``k`` counts every update."""
+        return {"tracked": (0,), "lambdas": (0,)}
+
+    def method_absent_fill(self) -> dict[str, float]:
+        """``Y₀ = 0`` and ``λ₀ = 1/T``."""
+        return {"tracked": 0.0, "lambdas": 1.0 / self.num_tasks}
+
+    def merge_present_state(
+        self, full: Mapping[str, Any], narrowed: Mapping[str, Any], present: list[int]
+    ) -> dict[str, Any]:
+        """The base's merge, with the present tasks' new ``λ`` (on their simplex) scaled by the share of the
+        full simplex they had before the step, so that ``λ`` still sums to 1 and the absent tasks' entries stay
+        as they were."""
+        merged = super().merge_present_state(full, narrowed, present)
+        new = narrowed.get("lambdas")
+        if isinstance(new, Tensor):
+            old = full.get("lambdas")
+            before = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+            if isinstance(old, Tensor):
+                before = old.detach().to(device="cpu", dtype=torch.float64)
+            index = torch.tensor(present, dtype=torch.long)
+            share = float(before[index].sum())
+            out = before.clone()
+            # (present tasks with no share keep none: the absent tasks hold all of it)
+            out[index] = new.detach().to(device="cpu", dtype=torch.float64) * share
+            merged["lambdas"] = out
+        return merged
 
     def task_state(self) -> dict[str, Any]:
         """The base's checkpoint state, with ``Y`` copied to the CPU (a checkpoint loads on any device)."""

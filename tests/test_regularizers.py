@@ -27,7 +27,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mtl import MultiTaskModule
+from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.callbacks.gradient_conflict import GradientConflictMonitor
 from lightning_mtl.regularizers.base import MTLRegularizer
 from lightning_mtl.regularizers.orthogonal import (
@@ -39,6 +39,7 @@ from lightning_mtl.regularizers.orthogonal import (
 from lightning_mtl.step import StepContext
 from lightning_mtl.strategies.base import MTLStrategy
 from lightning_mtl.strategies.equal import EqualWeighting
+from lightning_mtl.strategies.gradnorm import GradNorm
 from lightning_mtl.strategies.pcgrad import PCGrad
 from lightning_mtl.strategies.uncertainty import UncertaintyWeighting
 
@@ -47,7 +48,8 @@ class VecNet(MultiTaskModule):
     """Shared ``θ ∈ ℝ²``; task i has loss ½‖θ − tᵢ‖², so gᵢ = θ − tᵢ: a hand-computable penalty."""
 
     def __init__(self, theta=(1.0, 1.0), targets=((0.0, 1.0), (0.0, 0.0)), lr: float = 0.1, **kwargs: Any):
-        super().__init__(tasks=[f"t{i}" for i in range(len(targets))], **kwargs)
+        kwargs.setdefault("tasks", [f"t{i}" for i in range(len(targets))])
+        super().__init__(**kwargs)
         self.theta = nn.Parameter(torch.tensor(theta))
         self.targets = torch.tensor(targets)
         self.lr = lr
@@ -126,6 +128,26 @@ def test_hand_computed_step_with_equal_weighting():
     assert t.callback_metrics["train/orthogonal/penalty"].item() == pytest.approx(0.1, abs=1e-6)
 
 
+def test_absent_task_is_left_out_of_the_pairs():
+    # partial labels: task t2 has no label this step, so only (t0, t1) is a pair: the hand-computed step again
+    class Partial(VecNet):
+        def __init__(self) -> None:
+            super().__init__(
+                targets=((0.0, 1.0), (0.0, 0.0), (5.0, 5.0)), tasks=["t0", "t1", Task("t2", partial=True)]
+            )
+
+        def task_losses(self, batch, batch_idx):
+            losses = super().task_losses(batch, batch_idx)
+            del losses["t2"]
+            return losses
+
+    net = Partial()
+    t = trainer(max_steps=1, callbacks=[OrthogonalGradients(weight=0.2)])
+    t.fit(net, dummy_loader(1))
+    torch.testing.assert_close(net.theta.detach(), torch.tensor([0.79, 0.89]))
+    assert t.callback_metrics["train/orthogonal/penalty"].item() == pytest.approx(0.1, abs=1e-6)
+
+
 def test_zero_weight_is_a_no_op_and_weights_add_up():
     def fit(*callbacks: Any) -> torch.Tensor:
         net = TinyNet()
@@ -151,8 +173,8 @@ def _theta_after_one_window(strategy_factory, reg: float | None, k: int) -> torc
 
 @pytest.mark.parametrize(
     "make",
-    [EqualWeighting, UncertaintyWeighting, lambda: PCGrad(seed=0)],
-    ids=["equal", "uncertainty", "pcgrad"],
+    [EqualWeighting, UncertaintyWeighting, GradNorm, lambda: PCGrad(seed=0)],
+    ids=["equal", "uncertainty", "gradnorm", "pcgrad"],
 )
 @pytest.mark.parametrize("k", [1, 2])
 def test_composes_once_per_micro_batch(make, k):
@@ -160,7 +182,7 @@ def test_composes_once_per_micro_batch(make, k):
     # with the regulariser differs from the strategy's alone by exactly −lr·∇(λ·cos²) = −0.1·(0.1, 0.1) (see
     # the hand-computed step): the term is back-propagated once per micro-batch and divided by k, like the
     # losses. Twice would give −0.02, once per window −0.005 with k = 2.
-    # Loss-based strategies back-propagate every micro-batch; PCGrad once, at the window's end.
+    # Loss-based strategies (and GradNorm) back-propagate every micro-batch; PCGrad once, at the window's end.
     with_reg = _theta_after_one_window(make, 0.2, k)
     without = _theta_after_one_window(make, None, k)
     torch.testing.assert_close(with_reg - without, torch.tensor([-0.01, -0.01]), atol=1e-6, rtol=0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -260,6 +260,7 @@ def delta_m(
     values: Mapping[str, float | Tensor],
     baselines: Mapping[str, float],
     higher_is_better: Mapping[str, bool],
+    tasks: Collection[str] | None = None,
 ) -> float:
     """Δm% of a multi-task model against single-task baselines (Maninis et al. 2019).
 
@@ -271,7 +272,18 @@ def delta_m(
         values: the multi-task model's metrics, ``"<task>/<metric>" -> value`` (extra keys are ignored).
         baselines: the single-task baselines ``M_{b,k}``, same keys; none may be 0.
         higher_is_better: direction of each key of ``baselines``.
+        tasks: the tasks that count (``None``: all). Pass the **main** tasks (``main_task_names(module.tasks)``):
+            auxiliary tasks (``Task(role="auxiliary")``) are trained but are not results, so their baselines
+            are left out.
     """
+    if tasks is not None:
+        keep = set(tasks)
+        baselines = {k: v for k, v in baselines.items() if k.split("/", 1)[0] in keep}
+        if not baselines:
+            raise ValueError(
+                f"delta_m: no baseline metric belongs to the tasks {sorted(keep)} (the main tasks); give baselines "
+                "'<task>/<metric>' for at least one of them."
+            )
     if not baselines:
         raise ValueError("delta_m needs at least one baseline metric, got an empty baselines mapping.")
     total = 0.0

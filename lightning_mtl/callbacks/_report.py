@@ -103,13 +103,16 @@ def heatmap_image(matrix: Tensor, vmin: float, vmax: float, cell: int = 24) -> T
     return img.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
 
 
-def matrix_table(matrix: Tensor, labels: Sequence[str], title: str, corner: str) -> Any:
-    """A ``rich`` table of a ``T×T`` matrix (rows and columns labelled by task)."""
+def matrix_table(
+    matrix: Tensor, labels: Sequence[str], title: str, corner: str, columns: Sequence[str] | None = None
+) -> Any:
+    """A ``rich`` table of a ``T×T`` matrix (rows and columns labelled by task; ``columns``: other column labels
+    for a rectangular matrix)."""
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column(corner)
-    for name in labels:
+    for name in labels if columns is None else columns:
         table.add_column(name, justify="right")
     m = matrix.detach().cpu().tolist()
     for name, row in zip(labels, m):

@@ -8,9 +8,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_mtl.metrics import as_float_dict, delta_m
+from lightning_mtl.task import main_task_names
 
 
 class DeltaM(Callback):
@@ -25,6 +27,9 @@ class DeltaM(Callback):
 
     Computed once per validation / test epoch from the epoch's task metrics (``val/<task>/<metric>``,
     already synchronised across ranks) and task losses, so it is identical on every rank.
+
+    Only the **main** tasks count: baselines of auxiliary tasks (``Task(name, role="auxiliary")``), which are
+    trained but are not results, are left out (with a warning at setup).
 
     Args:
         baselines: single-task results, ``{"<task>/<metric>": value}``; a metric is one of the task's
@@ -59,6 +64,8 @@ class DeltaM(Callback):
         if unknown:
             raise KeyError(f"DeltaM: higher_is_better names {unknown}, which have no baseline.")
         self.directions: dict[str, bool] = {}
+        #: the main tasks of the module (set at setup): the tasks whose baselines count
+        self.main_tasks: tuple[str, ...] | None = None
         #: the last value per stage (``{"val": ..., "test": ...}``)
         self.last: dict[str, float] = {}
 
@@ -70,6 +77,19 @@ class DeltaM(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.directions = resolve_directions(pl_module, self.baselines, self.higher_is_better_overrides)
+        self.main_tasks = main_task_names(getattr(pl_module, "tasks", ()))
+        auxiliary = sorted(k for k in self.baselines if k.split("/", 1)[0] not in self.main_tasks)
+        if auxiliary:
+            if len(auxiliary) == len(self.baselines):
+                raise ValueError(
+                    f"DeltaM: every baseline {auxiliary} belongs to an auxiliary task; Δm% is computed on the main "
+                    f"tasks {list(self.main_tasks)}: give their single-task baselines."
+                )
+            rank_zero_warn(
+                f"DeltaM: baselines {auxiliary} belong to auxiliary tasks (Task(role='auxiliary')), which are not "
+                "results: Δm% leaves them out.",
+                category=UserWarning,
+            )
 
     def on_task_metrics(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, values: Mapping[str, Any]
@@ -77,13 +97,16 @@ class DeltaM(Callback):
         """Called by :class:`~lightning_mtl.MultiTaskModule` with a stage's epoch metrics and losses."""
         if stage not in ("val", "test") or trainer.sanity_checking:
             return
-        present = as_float_dict({k: values[k] for k in self.baselines if k in values})
-        if len(present) < len(self.baselines):
-            missing = sorted(set(self.baselines) - set(present))
+        counted = [
+            k for k in self.baselines if self.main_tasks is None or k.split("/", 1)[0] in self.main_tasks
+        ]
+        present = as_float_dict({k: values[k] for k in counted if k in values})
+        if len(present) < len(counted):
+            missing = sorted(set(counted) - set(present))
             raise KeyError(
                 f"DeltaM: no {stage} value for baseline metric(s) {missing}; the module computed {sorted(values)}."
             )
-        value = delta_m(present, self.baselines, self.directions)
+        value = delta_m(present, {k: self.baselines[k] for k in counted}, self.directions)
         self.last[stage] = value
         pl_module.log(f"{stage}/delta_m", value, on_step=False, on_epoch=True, batch_size=1)
 

@@ -20,6 +20,7 @@ from lightning_mtl.callbacks._report import (
     print_rich,
 )
 from lightning_mtl.step import StepContext
+from lightning_mtl.task import auxiliary_task_names, main_task_names
 from lightning_mtl.task_state import take_tasks, task_order
 
 
@@ -57,6 +58,10 @@ class TaskAffinity(SharedGradientProbe):
     Logged: ``affinity/<task_i>/<task_j>`` (this measurement's ``Z[i → j]``, including ``i = j``) every measured
     step, and the running mean as a heat map (``affinity/heatmap``) at each training epoch end.
 
+    **Auxiliary tasks** (``Task(name, role="auxiliary")``): the question is then which auxiliary steps help the
+    main tasks, so the printed table and :meth:`auxiliary_table` report ``Z[aux → main]`` (rows: auxiliary
+    tasks, columns: main tasks); the full matrix stays in :attr:`affinity`, :meth:`table` and the heat map.
+
     Args:
         every_n_steps: measure on every n-th optimizer step (default 10).
         lr: lookahead learning rate; ``None`` (default) uses the first optimizer's current learning rate
@@ -81,6 +86,9 @@ class TaskAffinity(SharedGradientProbe):
         super().__init__()
 
     def reset(self) -> None:
+        #: the module's main and auxiliary tasks (set at the first measurement)
+        self.main_tasks: tuple[str, ...] = ()
+        self.auxiliary_tasks: tuple[str, ...] = ()
         self._sum: Tensor | None = None
         self._count = 0
         #: the last measurement ``Z`` ``[T, T]``
@@ -104,6 +112,12 @@ class TaskAffinity(SharedGradientProbe):
         rows = mean.tolist()
         return {a: dict(zip(self.task_names, row)) for a, row in zip(self.task_names, rows)}
 
+    def auxiliary_table(self) -> dict[str, dict[str, float]]:
+        """The mean affinity from each auxiliary task to each main task, ``{aux: {main: Z[aux → main]}}``
+        (``{}`` without auxiliary tasks or before the first measurement)."""
+        full = self.table()
+        return {a: {m: full[a][m] for m in self.main_tasks} for a in self.auxiliary_tasks if a in full}
+
     # ------------------------------------------------------------------ the measurement
     def _lookahead_lr(self, trainer: pl.Trainer) -> float:
         if self.lr is not None:
@@ -120,6 +134,8 @@ class TaskAffinity(SharedGradientProbe):
         from lightning_mtl.gradients import unflatten
         from lightning_mtl.step import reduce_mean
 
+        tasks = getattr(pl_module, "tasks", self.task_names)
+        self.main_tasks, self.auxiliary_tasks = main_task_names(tasks), auxiliary_task_names(tasks)
         J = self.shared_jacobian(trainer, ctx)
         params = self._params
         assert params is not None
@@ -197,7 +213,21 @@ class TaskAffinity(SharedGradientProbe):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mean = self.affinity
-        if self.print_table and mean is not None and trainer.global_rank == 0:
+        if self.print_table and mean is not None and trainer.global_rank == 0 and self.auxiliary_tasks:
+            index = {n: i for i, n in enumerate(self.task_names)}
+            aux = [index[n] for n in self.auxiliary_tasks]
+            main = [index[n] for n in self.main_tasks]
+            print_rich(
+                matrix_table(
+                    mean[aux][:, main],
+                    self.auxiliary_tasks,
+                    f"auxiliary → main affinity Z[aux → main] = 1 − L_main(after a step on aux) / L_main "
+                    f"({self._count} measurements)",
+                    "step on aux ↓ / main loss →",
+                    columns=self.main_tasks,
+                )
+            )
+        elif self.print_table and mean is not None and trainer.global_rank == 0:
             print_rich(
                 matrix_table(
                     mean,

@@ -172,7 +172,7 @@ def _baselines(
         baselines = load_baselines(args.baselines)
     elif setup.can_train_baselines and len(setup.task_names) > 1:
         baselines = {}
-        for task in setup.task_names:
+        for task in setup.main_tasks or setup.task_names:  # auxiliary tasks are not results: no baseline
             name, tb_name = f"single-task {task}", f"single_task/{task}"
             rec = _fit(setup, settings, name, "EqualWeighting", out, None, progress, [task], tb_name)
             baselines.update({key: rec.metrics[f"val/{key}"] for key in metric_keys(rec, [task])})
@@ -225,20 +225,26 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             for display, name, arch in runs
         ]
 
+    # auxiliary tasks (Task(role="auxiliary")) are trained but not results: Δm% and the table use the main tasks
+    main = setup.main_tasks or setup.task_names
+    auxiliary = [t for t in setup.task_names if t not in main]
+    if baselines:
+        baselines = {k: v for k, v in baselines.items() if k.split("/", 1)[0] in main} or None
     for rec in records:
         if rec.delta_m is None and baselines:
             values = {k: rec.metrics.get(f"val/{k}", math.nan) for k in baselines}
             directions = {k: setup.directions.get(k, False) for k in baselines}
-            rec.delta_m = delta_m(values, baselines, directions)
+            rec.delta_m = delta_m(values, baselines, directions, tasks=main)
     model = f"architectures {', '.join(str(a) for a in archs)}; " if archs != [None] else ""
+    tasks = ", ".join(main) + (f" (auxiliary, not reported: {', '.join(auxiliary)})" if auxiliary else "")
     described = (
-        f"{setup.label}; {model}tasks {', '.join(setup.task_names)}; {settings.epochs} epochs; seed {settings.seed}; "
+        f"{setup.label}; {model}tasks {tasks}; {settings.epochs} epochs; seed {settings.seed}; "
         f"devices {settings.devices}"
     )
-    titles, cells = write_tables(out, records, setup.task_names, setup.directions, baselines, described)
+    titles, cells = write_tables(out, records, main, setup.directions, baselines, described)
     plots = "".join(f", {p}" for p in write_plots(out, records, setup.task_names))
     if not args.quiet:
         print_table(console, titles, cells)
     console.print(f"wrote {out}/results.md, {out}/results.csv{plots}, TensorBoard runs in {out}/tb/")
-    keys = metric_keys(records[0], setup.task_names) if records else []
+    keys = metric_keys(records[0], main) if records else []
     return {"records": records, "baselines": baselines, "metric_keys": keys}

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar
 
 from lightning_mtl.callbacks import DeltaM
 from lightning_mtl.strategies.base import MTLStrategy
+from lightning_mtl.task import main_task_names
 
 #: flag (argparse dest) -> (the config key it sets, its default where neither flag nor config sets it)
 FLAG_KEYS = {
@@ -52,6 +53,7 @@ class CompareSetup:
     baselines: dict[str, float] | None = None  # from a DeltaM callback in the config
     notes: list[str] = field(default_factory=list)  # what the compare job replaces in the config
     architectures: list[str | None] = field(default_factory=lambda: [None])  # --arch (built-in data)
+    main_tasks: tuple[str, ...] | None = None  # the reported tasks (None: all); the others are auxiliary
 
 
 @dataclass
@@ -178,6 +180,7 @@ def config_setup(args: argparse.Namespace) -> CompareSetup:
     return CompareSetup(
         build=build,
         task_names=tuple(probe.model.task_names),
+        main_tasks=main_task_names(probe.model.tasks),
         label=f"config {args.config} ({type(probe.model).__name__})",
         directions=directions_of(probe.model),
         can_train_baselines=False,

@@ -17,6 +17,15 @@ from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.data import MultiTaskLoader, task_eval_loaders
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread avoids thread contention on a shared machine (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ids(n: int, batch_size: int = 2, shuffle: bool = False, **kwargs) -> DataLoader:
     """A loader whose batches are ``(sample ids,)``."""
     return DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size, shuffle=shuffle, **kwargs)
@@ -283,6 +292,21 @@ class Recorder(pl.LightningModule):
             torch.save(self.records, os.path.join(self.directory, f"rank{self.global_rank}.pt"))
 
 
+class ValRecorder(Recorder):
+    """Also records validation batches, ``(dataloader_idx, batch)``, written to ``val<rank>.pt``."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self.val_records: list[tuple[int, dict[str, list[int]]]] = []
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.val_records.append((dataloader_idx, as_ids(batch)))
+
+    def on_train_end(self):
+        super().on_train_end()
+        torch.save(self.val_records, os.path.join(self.directory, f"val{self.global_rank}.pt"))
+
+
 class SaveAt(pl.Callback):
     """Saves ``at_step.ckpt`` after global step ``step`` and ``epoch<k>.ckpt`` at each epoch end."""
 
@@ -451,8 +475,18 @@ def _ddp_loader(**kwargs) -> MultiTaskLoader:
 @pytest.mark.timeout(240)
 def test_ddp_ranks_draw_the_same_tasks_and_see_disjoint_samples(tmp_path):
     with restore_environ():
-        trainer(strategy="ddp_spawn", devices=2, max_epochs=2).fit(Recorder(str(tmp_path)), _ddp_loader())
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the spawned processes
+        val = task_eval_loaders({"a": ids(8), "b": ids(4)})  # sharded by Lightning (plain DataLoaders)
+        ddp = trainer(strategy="ddp_spawn", devices=2, max_epochs=2, num_sanity_val_steps=0)
+        ddp.fit(ValRecorder(str(tmp_path)), _ddp_loader(), val_dataloaders=val)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    vals = [torch.load(tmp_path / f"val{r}.pt", weights_only=True) for r in (0, 1)]
+    for k, (task, n) in enumerate((("a", 8), ("b", 4))):  # each rank validates its half of each task's data
+        shards = [
+            {i for idx, b in records[: len(records) // 2] if idx == k for i in b[task]} for records in vals
+        ]
+        assert all(set(b) == {task} for records in vals for idx, b in records if idx == k)
+        assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(n))
     # per rank, a:8/2 samples -> 2 batches, b: 16/2 -> 4, c: 24/2 -> 3; an epoch is 9 steps
     assert len(ranks[0]) == len(ranks[1]) == 18
     tasks = [[list(s) for _, _, s in records] for records in ranks]
@@ -484,3 +518,13 @@ def test_a_custom_sampler_must_shard_itself_under_ddp(monkeypatch):
         len(MultiTaskLoader({"a": ids(4), "w": weighted}))
     own = DataLoader(TensorDataset(torch.arange(8)), batch_size=2, sampler=DistributedSampler(range(8), 2, 0))
     assert len(MultiTaskLoader({"a": ids(4), "d": own})) == 2
+
+
+def test_example_runs():
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "multitask_loader.py"))
+    results = example["main"](["--epochs", "1"])
+    assert set(results) == {"house", "rent"}
+    assert all(0 < loss < 0.3 for loss in results.values()), results

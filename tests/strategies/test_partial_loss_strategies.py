@@ -75,9 +75,12 @@ class UnevenNet(TinyNet):
         x, y = batch
         z = self.encoder(x)
         out = {t: self.heads[t](z).squeeze(1) for t in self.task_names}
+        absent = batch_idx % 3 == 1
+        # when b is absent its head is kept in the graph with a zero term (DDP without find_unused_parameters)
+        keep = out["b"].sum() * 0.0 if absent else 0.0
         return {
-            "a": nn.functional.mse_loss(out["a"], y[:, 0]),
-            "b": None if batch_idx % 3 == 1 else masked_mean((out["b"] - y[:, 1]) ** 2, x[:, 0] > 0.5),
+            "a": nn.functional.mse_loss(out["a"], y[:, 0]) + keep,
+            "b": None if absent else masked_mean((out["b"] - y[:, 1]) ** 2, x[:, 0] > 0.5),
             "c": masked_mean((out["c"] - y[:, 2]) ** 2, x[:, 1] < 0),
         }
 
@@ -466,3 +469,44 @@ def test_uneven_label_counts_and_absent_steps_are_exact_under_ddp(tmp_path, make
     torch.testing.assert_close(single["params"], rank0["params"], atol=1e-5, rtol=0)
     for task, w in single["weights"].items():
         assert rank0["weights"][task] == pytest.approx(w, abs=1e-5), task
+
+
+# ------------------------------------------------------------------------------------------ more invariants
+@pytest.mark.parametrize("name", ["RLW", "GLS", "LogSE", "ScaleInvariant", "DWA", "SLAW", "STCH"])
+def test_weights_of_the_absent_epoch_are_zero_for_c_and_follow_the_rule_on_the_present_tasks(name):
+    strategy = ALL[name]()
+    snaps = Snapshots(strategy, lambda s: None, steps=())
+    trainer(max_epochs=2, callbacks=[strategy, snaps]).fit(EpochAbsentNet(), loader(make_data(n=64), 16))
+    absent = [w for epoch, w in snaps.weights if epoch == 1]
+    assert len(absent) == 4 and all(w["c"] == 0.0 and w["a"] > 0 and w["b"] > 0 for w in absent)
+    if name == "RLW":  # a draw over the present tasks: sums to 1
+        assert all(w["a"] + w["b"] == pytest.approx(1.0) for w in absent)
+    if name in ("DWA", "SLAW"):  # normalised to the number of present tasks
+        assert all(w["a"] + w["b"] == pytest.approx(2.0) for w in absent)
+
+
+@pytest.mark.parametrize("make", [DWA, lambda: SLAW(beta=0.5), lambda: STCH(warmup_epochs=1)])
+def test_per_task_counts_are_restored_by_task_name(make):
+    s = bound(make(), "abc")
+    if isinstance(s, STCH):
+        s._epoch = 0
+    s.compute_present_weights(torch.tensor([1.0, 2.0, 0.0]), ABSENT_C)
+    s.compute_weights(torch.tensor([1.5, 2.5, 3.0]))
+    saved = s.state_dict()
+    assert saved["state"]["counts"].tolist() == [2.0, 2.0, 1.0]
+    other = bound(make(), ("c", "a", "b"))
+    other.load_state_dict(saved)
+    assert other._counts.tolist() == [1.0, 2.0, 2.0]
+    key = "_mean" if isinstance(s, SLAW) else "_sum"
+    torch.testing.assert_close(getattr(other, key), getattr(s, key)[[2, 0, 1]])
+
+
+@pytest.mark.parametrize("name", ["UncertaintyWeighting", "SLAW"])
+def test_bf16_mixed_with_partial_labels_trains(name):
+    net = EpochAbsentNet()
+    data = loader(make_data(n=64), 16)
+    x, y = data.dataset.tensors
+    before = float(nn.functional.mse_loss(net.heads["a"](net.encoder(x)).squeeze(1), y[:, 0]))
+    trainer(max_epochs=3, precision="bf16-mixed", callbacks=[ALL[name]()]).fit(net, data)
+    after = float(nn.functional.mse_loss(net.heads["a"](net.encoder(x)).squeeze(1), y[:, 0]))
+    assert after < before

@@ -7,6 +7,14 @@ return the update ``[P]``, and the Gramian-expressible ones also expose ``<name>
 """
 
 from lightning_mtl.functional.dbmtl import DBMTLResult, DBMTLState, dbmtl_step, log_loss_jacobian
+from lightning_mtl.functional.dtp import (
+    DTP_EPS,
+    dtp_ema,
+    dtp_focal_weight,
+    dtp_loss,
+    dtp_weights,
+    focal_weight_bound,
+)
 from lightning_mtl.functional.excess_mtl import ExcessMTLResult, ExcessMTLState, excess_mtl_step, excess_risks
 from lightning_mtl.functional.famo import (
     famo_effective_weights,
@@ -63,6 +71,7 @@ from lightning_mtl.functional.slaw_stch import (
 
 __all__ = [
     *_gradient_all,
+    "DTP_EPS",
     "DBMTLResult",
     "DBMTLState",
     "ExcessMTLResult",
@@ -71,6 +80,11 @@ __all__ = [
     "MoCoState",
     "cross_gramian",
     "dbmtl_step",
+    "dtp_ema",
+    "dtp_focal_weight",
+    "dtp_loss",
+    "dtp_weights",
+    "focal_weight_bound",
     "modo_direction",
     "modo_weights",
     "project_onto_simplex",

@@ -8,6 +8,7 @@ from lightning_mtl.strategies.aligned_mtl import AlignedMTL
 from lightning_mtl.strategies.base import MTLStrategy
 from lightning_mtl.strategies.cagrad import CAGrad
 from lightning_mtl.strategies.dbmtl import DBMTL
+from lightning_mtl.strategies.dtp import DTP
 from lightning_mtl.strategies.dwa import DWA
 from lightning_mtl.strategies.equal import EqualWeighting
 from lightning_mtl.strategies.excess_mtl import ExcessMTL
@@ -35,6 +36,7 @@ from lightning_mtl.strategies.upgrad import DualProj, UPGrad
 
 __all__ = [
     "DBMTL",
+    "DTP",
     "DWA",
     "FAMO",
     "GLS",

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from arch_helpers import reached
 from helpers import loader, make_data, trainer
 from torch import nn
 
@@ -18,17 +19,6 @@ from lightning_mtl.strategies.mgda import MGDA
 from lightning_mtl.strategies.pcgrad import PCGrad
 
 TASKS = ("a", "b", "c")
-
-
-def reached(arch: nn.Module, x: torch.Tensor) -> dict[str, set[int]]:
-    """For each task, the ids of the parameters that get a non-zero gradient from the sum of its output."""
-    params = list(arch.parameters())
-    out = arch(x)
-    result = {}
-    for t, y in out.items():
-        grads = torch.autograd.grad(y.sum(), params, retain_graph=True, allow_unused=True)
-        result[t] = {id(p) for p, g in zip(params, grads) if g is not None and bool(g.abs().sum() > 0)}
-    return result
 
 
 def assert_shared_set_exact(arch, x: torch.Tensor) -> None:

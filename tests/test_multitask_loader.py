@@ -270,6 +270,13 @@ def test_custom_sampler_is_used_as_given():
     assert all(i >= 4 for s in steps for i in s["w"])
 
 
+def test_use_distributed_sampler_false_iterates_the_loaders_as_given():
+    user = DataLoader(TensorDataset(torch.arange(6)), batch_size=2, shuffle=False)
+    loader = MultiTaskLoader({"a": user, "b": ids(2)}, use_distributed_sampler=False)
+    assert loader._prepare()["a"].loader is user
+    assert [s["a"] for s in run(loader, 1)] == [[0, 1], [2, 3], [4, 5]]
+
+
 # ---------------------------------------------------------------------------------------------------- Lightning
 class Recorder(pl.LightningModule):
     """Records, per training step, the tasks and sample ids of the batch; optionally writes them per rank."""
@@ -334,6 +341,12 @@ def test_resume_through_a_lightning_checkpoint_continues_the_draws(tmp_path):
         resumed = Recorder()
         trainer(max_epochs=3).fit(resumed, make(), ckpt_path=str(tmp_path / name))
         assert resumed.records == full.records[done:], name
+    # iteration-based training (max_steps): Lightning loads the loader's state at an epoch end too, and the next
+    # epoch starts. (Lightning 2.6.6 then runs one extra step numbered epoch 0 / batch 12 before its epoch 1, whose
+    # set_epoch is 2: a plain DataLoader gets the same extra step; the loader follows Lightning's epoch numbers.)
+    resumed = Recorder()
+    trainer(max_epochs=-1, max_steps=14).fit(resumed, make(), ckpt_path=str(tmp_path / "epoch0.ckpt"))
+    assert resumed.records[0][2] == full.records[12][2]
 
 
 class PerTaskNet(MultiTaskModule):

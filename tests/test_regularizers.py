@@ -410,3 +410,15 @@ def test_ddp_per_rank_penalty_trains_and_keeps_ranks_identical(tmp_path):
     assert not torch.allclose(
         expected, _simulated_per_rank(ds, epochs=3, batch_size=8, weight=0.0), atol=1e-4
     )
+
+
+# ------------------------------------------------------------------------------------------ the example
+def test_example_runs():
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "orthogonal_gradients.py"))
+    results = example["main"](["--epochs", "1", "--strategy", "PCGrad", "--accumulate", "2"])
+    without, with_reg = results.values()
+    assert with_reg["penalty"] is not None and math.isfinite(with_reg["penalty"])
+    assert with_reg["mean_abs_cos"] < without["mean_abs_cos"]

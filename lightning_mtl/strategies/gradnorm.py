@@ -314,8 +314,9 @@ class GradNorm(MTLStrategy):
 
     def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
         self._gradients.reset()
+        self._window_present = None
         if self._learnable is not None:
-            self._learnable.param.grad = None
+            self._learnable.discard()  # the window's gradient and which entries it touched
 
     def reset_state(self) -> None:
         super().reset_state()

@@ -90,7 +90,9 @@ def _c_state(strategy: Any) -> list[Tensor]:
 
 
 def _present_state(strategy: Any) -> list[Tensor]:
-    """Some state of the present tasks a and b (to check that the step moved it)."""
+    """Some state of the present tasks a and b (to check that the step moved it); none before the first update."""
+    if not _c_state(strategy):
+        return []
     if isinstance(strategy, GradVac):
         return [strategy.targets[0, 1].clone()]
     if isinstance(strategy, ExcessMTL):
@@ -252,13 +254,13 @@ class SparseLabels(TinyNet):
         x, y = batch
         z = self.encoder(x)
         out = {t: self.heads[t](z).squeeze(1) for t in self.task_names}
-        losses = {
+        # c: an all-false mask (not a missing loss) keeps its head in the graph, as DDP requires
+        c_labelled = torch.full_like(x[:, 0], float(batch_idx % 3 != 1), dtype=torch.bool)
+        return {
             "a": nn.functional.mse_loss(out["a"], y[:, 0]),
             "b": masked_mean((out["b"] - y[:, 1]) ** 2, x[:, 0] > 1.2),
+            "c": masked_mean((out["c"] - y[:, 2]) ** 2, c_labelled),
         }
-        if batch_idx % 3 != 1:
-            losses["c"] = nn.functional.mse_loss(out["c"], y[:, 2])
-        return losses
 
 
 def _gradnorm() -> GradNorm:

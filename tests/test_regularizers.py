@@ -229,6 +229,28 @@ def test_bf16_and_fp16_runs_match_fp32():
     torch.testing.assert_close(bf16, fp32, atol=3e-2, rtol=3e-2)
 
 
+def test_resume_matches_uninterrupted(tmp_path):
+    # stateless, but the resumed run must rebuild it (shared parameters, no stale queued term) identically
+    data = loader(make_data(n=64), batch_size=8)
+
+    def make() -> list[Any]:
+        return [
+            PCGrad(seed=0),
+            OrthogonalGradients(weight=0.5),
+            OrthogonalGradients(weight=0.1, reduction="mean"),
+        ]
+
+    full = TinyNet(accumulate_grad_batches=2)
+    trainer(max_epochs=4, callbacks=make()).fit(full, data)
+    half = TinyNet(accumulate_grad_batches=2)
+    t1 = trainer(max_epochs=2, callbacks=make())
+    t1.fit(half, data)
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = TinyNet(accumulate_grad_batches=2)
+    trainer(max_epochs=4, callbacks=make()).fit(resumed, data, ckpt_path=tmp_path / "half.ckpt")
+    torch.testing.assert_close(flat_params(resumed), flat_params(full), atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ the issue's test
 class CorrelatedNet(MultiTaskModule):
     """Two regression tasks whose targets are nearly the same function of x: their gradients on the shared

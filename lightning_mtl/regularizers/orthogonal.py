@@ -151,6 +151,12 @@ class OrthogonalGradients(MTLRegularizer):
         #: the cosine matrix ``[T, T]`` (detached, this rank's) of the last micro-batch, ``None`` before
         self.last_cosines: Tensor | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Distinct for differently configured instances (several may be attached; none has state)."""
+        return self._generate_state_key(weight=self.weight, reduction=self.reduction, eps=self.eps)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

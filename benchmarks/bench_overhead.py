@@ -46,6 +46,12 @@ def _loss_strategies() -> dict[str, Callable[[], Any]]:
         "DWA": S.DWA,
         "RLW": S.RLW,
         "GLS": S.GLS,
+        "SLAW": S.SLAW,
+        "STCH": S.STCH,
+        "IMTLL": S.IMTLL,
+        "FAMO": S.FAMO,  # one extra no-grad forward per optimizer step (outside the ≤ 1.05× target)
+        "ScaleInvariant": S.ScaleInvariant,
+        "LogSE": S.LogSE,
     }
 
 

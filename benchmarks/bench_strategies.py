@@ -68,6 +68,13 @@ STRATEGIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "FairGrad": ("fairgrad", "FairGrad", {}),
     "GradVac": ("gradvac", "GradVac", {}),
     "GradDrop": ("graddrop", "GradDrop", {}),
+    "ScaleInvariant": ("logse", "ScaleInvariant", {}),
+    "LogSE": ("logse", "LogSE", {}),
+    "ExcessMTL": ("excess_mtl", "ExcessMTL", {}),
+    "MoCo": ("moco", "MoCo", {}),
+    "DBMTL": ("dbmtl", "DBMTL", {}),
+    "MoDo": ("modo", "MoDo", {}),  # 3 disjoint batch parts: a batch size divisible by 3 keeps them equal
+    "SDMGrad": ("sdmgrad", "SDMGrad", {}),
 }
 
 

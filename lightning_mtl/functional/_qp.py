@@ -1,6 +1,6 @@
 """The exact bounded quadratic-program solver of MGDA, CAGrad, UPGrad and DualProj.
 
-``argmin_x ½xᵀQx + qᵀx`` subject to ``x ≥ lower``, on the CPU in float64, for ``T ≤ 40`` variables. Its
+``argmin_x ½xᵀQx + qᵀx`` subject to ``x ≥ lower``, on the CPU in float64. Its
 tolerances are relative to the sizes of ``Q``, ``q``, ``lower`` and the iterates, so a problem multiplied by
 any positive constant has the correspondingly scaled solution.
 """
@@ -27,7 +27,9 @@ def solve_bounded_qp(
     the rows: each iteration solves the equality-constrained problem on the current free set of every row
     with one batched linear solve, then either stops at the first constraint that blocks the step or, at
     the subproblem's minimiser, frees the bound with the most negative multiplier. Exact (up to rounding)
-    and finite for ``Q`` positive definite; ``T ≤ 40`` variables take a few milliseconds.
+    and finite for ``Q`` positive definite. Each linear solve is restricted to the rows' free variables
+    (see :func:`_solve_on_free_set`); UPGrad's ``T = 100`` rows on a 100-task Gramian take about 30 ms on one
+    CPU thread.
 
     Args:
         Q: ``[T, T]`` symmetric positive definite, float64.
@@ -44,9 +46,11 @@ def solve_bounded_qp(
         max_iter = 20 * T + 50
     eye = torch.eye(T, dtype=Q.dtype)
     free = torch.zeros(B, T, dtype=torch.bool) if free is None else free.clone()
-    free = _guess_free_set(Q, q, lower, free, eye)
-    x = lower.clone()
-    done = torch.zeros(B, dtype=torch.bool)
+    guess = _guess_free_set(Q, q, lower, free, eye)
+    if isinstance(guess, Tensor):  # a bare free set: nothing certified, every row goes through the loop below
+        free, x, done = guess, lower.clone(), torch.zeros(B, dtype=torch.bool)
+    else:
+        free, x, done = guess
     q_scale = q.abs().amax(dim=1) if T > 0 else q.new_zeros(B)
     q_norm = float(Q.abs().max())
     for _ in range(max_iter):
@@ -88,22 +92,54 @@ def solve_bounded_qp(
 
 
 def _solve_on_free_set(Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tensor) -> Tensor:
-    """Minimiser of ``½xᵀQx + qᵀx`` over the free variables, the others fixed at their bound (batched)."""
-    m = free.to(Q.dtype)
-    K = Q * (m[:, :, None] * m[:, None, :]) + eye * (1 - m)[:, None, :]
-    rhs = torch.where(free, -q - (lower * (1 - m)) @ Q, lower)
-    return torch.linalg.solve(K, rhs)
+    """Minimiser of ``½xᵀQx + qᵀx`` over the free variables, the others fixed at their bound (batched).
+
+    Each row's system ``Q_FF x_F = −q_F − Q_FA lower_A`` is gathered into a ``[B, k, k]`` batch with ``k`` the
+    largest free-set size (shorter rows padded with the identity), so a batch of rows with ``k ≪ T`` free
+    variables costs ``B·k³`` instead of ``B·T³``: at ``T = 100`` UPGrad's rows have about 45 free variables.
+    """
+    B, T = free.shape
+    counts = free.sum(dim=1)
+    x = lower.clone()
+    k = int(counts.max()) if B else 0
+    if k == 0:
+        return x
+    rhs = -q - torch.where(free, torch.zeros_like(lower), lower) @ Q
+    # the free variables of each row first, in increasing order (a stable sort of the fixed flags)
+    order = torch.sort((~free).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+    valid = torch.arange(k)[None, :] < counts[:, None]
+    K = Q.index_select(0, order.reshape(-1)).view(B, k, T).gather(2, order[:, None, :].expand(B, k, k))
+    if not bool(valid.all()):
+        pad = valid.to(Q.dtype)
+        K = K * (pad[:, :, None] * pad[:, None, :])
+        K.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)
+    b = rhs.gather(1, order) * valid
+    y = torch.linalg.solve(K, b)
+    # padded slots point at fixed variables: write their bound back there
+    return x.scatter(1, order, torch.where(valid, y, lower.gather(1, order)))
 
 
-def _guess_free_set(Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tensor) -> Tensor:
+def _guess_free_set(
+    Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Primal-dual active-set rounds (Hintermüller, Ito, Kunisch 2002) to guess the optimal free sets.
 
-    Each round re-solves the rows whose guess changed; most rows settle after 2–5 rounds. The method can
-    cycle when ``Q`` is not an M-matrix, so the rounds are capped: the primal active-set method that
-    follows checks every guess and finishes the job, so a wrong guess only costs iterations.
+    Each round re-solves the rows whose guess changed; most rows settle after 2–5 rounds. A row whose guess
+    did not change is solved: its iterate is feasible (``x > lower`` on the free set) and every multiplier
+    of its bounds is ``≥ 0``, the KKT conditions, so it is returned as such and the primal phase skips it.
+    The method can cycle when ``Q`` is not an M-matrix, so the rounds are capped: the primal active-set
+    method that follows checks the other rows' guesses and finishes the job, so a wrong guess only costs
+    iterations.
+
+    Returns:
+        ``(free, x, settled)``: the guessed free sets ``[B, T]``, the iterates ``[B, T]`` (exact solutions on
+        the settled rows, ``lower`` elsewhere) and the settled rows ``[B]``.
     """
+    B = free.shape[0]
     free = free.clone()
-    rows = torch.arange(free.shape[0])
+    x = lower.clone()
+    settled = torch.zeros(B, dtype=torch.bool)
+    rows = torch.arange(B)
     for _ in range(4 + free.shape[1] // 2):
         y = _solve_on_free_set(Q, q[rows], lower[rows], free[rows], eye)
         if not bool(torch.isfinite(y).all()):
@@ -114,7 +150,10 @@ def _guess_free_set(Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tens
         new_free = multipliers < y - lower[rows]  # active where the multiplier outweighs the slack
         changed = (new_free != current).any(dim=1)
         free[rows] = new_free
+        done = rows[~changed]
+        x[done] = y[~changed]
+        settled[done] = True
         rows = rows[changed]
         if rows.numel() == 0:
             break
-    return free
+    return free, x, settled

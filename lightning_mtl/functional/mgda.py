@@ -77,8 +77,23 @@ def mgda_weights(
     G_hat, _ = normalize_by_trace(G64 / scale[:, None] / scale[None, :])
     G_hat = psd_part(G_hat)
     Q = G_hat + _RIDGE * torch.eye(T, dtype=G64.dtype)
+    if T == 2:
+        return as_output(_two_task_weights(Q), G)
     x, _ = solve_bounded_qp(Q, -torch.ones(1, T, dtype=G64.dtype), torch.zeros(1, T, dtype=G64.dtype))
     return as_output(x[0] / x[0].sum(), G)
+
+
+def _two_task_weights(Q: Tensor) -> Tensor:
+    """The minimiser ``(γ, 1 − γ)`` of ``wᵀQw`` on the two-task simplex, in closed form.
+
+    ``γ = (Q₂₂ − Q₁₂) / (Q₁₁ + Q₂₂ − 2Q₁₂)`` clipped to ``[0, 1]`` (Sener & Koltun 2018, Algorithm 1, without
+    the official code's clip to ``[0.001, 0.999]``): the same point as the QP, since ``Q`` (positive
+    definite, ridge included) has one minimiser on the simplex. The denominator ``‖g₁ − g₂‖²/tr G + 2·ridge``
+    is positive.
+    """
+    q11, q12, q22 = float(Q[0, 0]), float(Q[0, 1]), float(Q[1, 1])
+    gamma = min(max((q22 - q12) / (q11 + q22 - 2.0 * q12), 0.0), 1.0)
+    return torch.tensor([gamma, 1.0 - gamma], dtype=Q.dtype)
 
 
 def mgda(

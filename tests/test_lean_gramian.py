@@ -338,3 +338,33 @@ def test_the_hooks_route_never_holds_the_jacobian():
     assert lean <= 0.25 * jac_bytes, (lean, jac_bytes)
     blocks = _peak_bytes(lambda: gramian_by_blocks(losses, params, JacobianEngine("auto")))
     assert blocks <= 0.5 * jac_bytes, (blocks, jac_bytes)
+
+
+def test_auto_takes_one_route_on_every_rank(monkeypatch):
+    """Free memory differs between ranks: the choice is all-reduced once (any rank choosing lean wins), so that
+    every rank runs the same collectives."""
+    from types import SimpleNamespace
+
+    reduced = []
+
+    class Strategy:
+        def reduce(self, tensor, reduce_op):
+            reduced.append(float(tensor))
+            return (tensor + 0.0) / 2  # this rank says 1 or 0, the other rank 0: mean 0.5 or 0
+
+    net = _Conflict()
+    fake_trainer = SimpleNamespace(world_size=2, strategy=Strategy())
+    ctx = SimpleNamespace(losses=torch.zeros(3), module=net, world_size=2, trainer=fake_trainer)
+    monkeypatch.setattr(lean_module, "LEAN_MIN_BYTES", 0)
+    monkeypatch.setattr(lean_module, "LEAN_ALWAYS_BYTES", 10**12)
+    monkeypatch.setattr(
+        lean_module, "free_memory", lambda device: 100
+    )  # this rank: 3·48·4 bytes > 25 % of 100
+    gradients = TaskGradients("Test", jacobian="auto", gramian_only=True)
+    assert gradients.uses_lean(ctx) and reduced == [1.0]
+    assert gradients.uses_lean(ctx) and reduced == [1.0]  # decided once per (T, P)
+    monkeypatch.setattr(lean_module, "free_memory", lambda device: 10**9)  # plenty of memory: full engine
+    gradients = TaskGradients("Test", jacobian="auto", gramian_only=True)
+    assert not gradients.uses_lean(ctx) and reduced == [1.0, 0.0]
+    # sync="local" needs no agreement; owners that need J never go lean
+    assert not TaskGradients("Test", jacobian="auto").uses_lean(ctx)

@@ -129,10 +129,11 @@ def test_compare_reports_the_main_tasks_only(tmp_path, monkeypatch):
             "devices": 1,
             "enable_checkpointing": False,
             "callbacks": [
+                {"class_path": "lightning_mtl.strategies.gcs.GCS", "init_args": {"weighted": True}},
                 {
                     "class_path": "lightning_mtl.callbacks.DeltaM",
                     "init_args": {"baselines": {"target/mae": 0.5, "factors/mae": 0.1}},
-                },  # fmt: skip
+                },
             ],
         },
         "model": {"class_path": "examples.auxiliary_tasks.AuxNet"},
@@ -141,21 +142,9 @@ def test_compare_reports_the_main_tasks_only(tmp_path, monkeypatch):
     path = tmp_path / "aux.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    main(
-        [
-            "compare",
-            "--config",
-            str(path),
-            "--strategies",
-            "equal",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    main(["compare", "--config", str(path), "--epochs", "1", "--out", str(out), "--quiet"])
     rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["strategy"] for r in rows] == ["GCS"]  # the config's strategy, built by LightningCLI from YAML
     assert set(rows[0]) >= {"target/mae", "target/loss", "delta_m"}
     assert not any(k.startswith(("factors/", "noise/")) for k in rows[0])
     expected = 100 * (float(rows[0]["target/mae"]) - 0.5) / 0.5

@@ -476,9 +476,13 @@ class MultiTaskModule(pl.LightningModule):
         forward = precision.forward_context() if precision is not None else nullcontext()
         with torch.no_grad(), forward, _lightning.silenced_logging(self):
             losses, _ = split_task_output(self.task_losses(batch, batch_idx))
-            after = self._stack_losses(losses, "training", training=False).detach().float()
+            if self._partial or _has_masked_mean(losses):  # the labelled samples' mean, exact over ranks
+                totals, counts, _ = self._stack_partial(losses, "training", training=False)
+                _, after, _ = combine_over_ranks(self.trainer, totals.detach().float(), counts)
+            else:
+                after = self._stack_losses(losses, "training", training=False).detach().float()
+                after = reduce_mean(self.trainer, after)
         self._shared_representation = None
-        after = reduce_mean(self.trainer, after)
         if not bool(torch.isfinite(after).all()):
             rank_zero_warn(
                 f"{type(strategy).__name__}: the losses recomputed after the optimizer step at batch {batch_idx} "

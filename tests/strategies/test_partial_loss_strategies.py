@@ -397,11 +397,6 @@ def test_famo_over_the_present_tasks_and_absent_logits_untouched():
     torch.testing.assert_close(state["exp_avg"][:2], 0.9 * adam["exp_avg"][:2] + 0.1 * g, atol=1e-7, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MultiTaskModule._post_step_losses stacks the recomputed losses with the strict stacking (no partial "
-    "labels): it must use _stack_partial + combine_over_ranks (report of this change)",
-)
 def test_famo_fit_with_an_absent_task():
     s = FAMO()
     snaps = Snapshots(s, lambda st: _learnable_c(st._learnable), steps=(4, 8))

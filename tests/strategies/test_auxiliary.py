@@ -177,17 +177,45 @@ def test_hand_computed_gcs_fit_gates_the_opposing_aux():
     assert strategy.extra_metrics()["train/gcs/cos/t1"].item() == pytest.approx(-1.0)
 
 
-def test_gcs_heads_take_their_own_gradient():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gcs_step_equals_the_rule_on_independent_gradients(weighted):
     net, ref = aux_net(), aux_net()
-    trainer(max_steps=1, max_epochs=-1, callbacks=[GCS()]).fit(net, loader(make_data(), 16))
-    # every head moved by its own task's plain gradient, including closed-gate auxiliary heads
+    strategy = GCS(weighted=weighted)
+    trainer(max_steps=1, max_epochs=-1, callbacks=[strategy]).fit(net, loader(make_data(), 16))
     x, y = make_data()[:16]
     z = ref.encoder(x)
-    for i, t in enumerate(ref.task_names):
-        loss = nn.functional.mse_loss(ref.heads[t](z).squeeze(1), y[:, i])
-        grads = torch.autograd.grad(loss, list(ref.heads[t].parameters()))
+    shared = list(ref.encoder.parameters())
+    losses = [
+        nn.functional.mse_loss(ref.heads[t](z).squeeze(1), y[:, i]) for i, t in enumerate(ref.task_names)
+    ]
+    J = torch.stack(
+        [torch.cat([g.flatten() for g in torch.autograd.grad(L, shared, retain_graph=True)]) for L in losses]
+    )
+    w = gcs_weights(J.double() @ J.double().T, [True, False, False], weighted=weighted).float()
+    assert list(strategy.weights.values()) == pytest.approx(w.tolist(), abs=1e-6)
+    old = torch.cat([p.detach().flatten() for p in shared])
+    new = torch.cat([p.detach().flatten() for p in net.encoder.parameters()])
+    torch.testing.assert_close(new, old - 0.05 * (w @ J), atol=1e-6, rtol=0)
+    # every head moved by its own task's plain gradient, including closed-gate auxiliary heads
+    for t, loss in zip(ref.task_names, losses):
+        grads = torch.autograd.grad(loss, list(ref.heads[t].parameters()), retain_graph=True)
         for p_new, p_old, gr in zip(net.heads[t].parameters(), ref.heads[t].parameters(), grads):
             torch.testing.assert_close(p_new.detach(), p_old.detach() - 0.05 * gr, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("make", STRATEGIES, ids=IDS)
+def test_representation_mode_trains(make):
+    from helpers import RepTinyNet
+
+    strategy = make()
+    strategy = type(strategy)(
+        **({"weighted": strategy.weighted} if isinstance(strategy, GCS) else {}), mode="representation"
+    )
+    ds = make_data()
+    net = RepTinyNet(tasks=AUX)
+    before = _total_main(net, ds)
+    trainer(max_epochs=3, callbacks=[strategy]).fit(net, loader(ds))
+    assert _total_main(net, ds) < before and strategy.weights["a"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ the opposing aux task

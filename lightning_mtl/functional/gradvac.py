@@ -112,27 +112,40 @@ def gradvac_weights(
         else torch.zeros(T, 0, dtype=torch.long)
     )
     tasks = torch.arange(T)
-    coefficients = torch.eye(T, dtype=G64.dtype).expand(K, T, T).clone()  # [k, i, :]: g_i^PC on the g_j
-    dots = G64.clone()  # dots[k, i, j] = g_i^PC · g_j within group k
+    steps = T - 1
+    # Step s treats, for every task i, the pair (i, j) with j = orders[i, s]; each pair is visited once, so
+    # its target φ̂ᵢⱼ, ‖gⱼ‖ and √(1−φ̂ᵢⱼ²) are gathered once (flat indices of the pairs in a [T, T] matrix).
+    others = orders.T.contiguous()  # [step, i] = j
+    pairs = (tasks[None, :] * T + others).contiguous()  # [step, i]
+    flat_phi_hat = phi_hat.view(K, T * T)
+    targets_all = flat_phi_hat[:, pairs.view(-1)].view(K, steps, T)
     norms = G64.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [K, T]
-    for step in range(T - 1):
-        others = orders[:, step]
-        dot = dots[:, tasks, others]
+    norms_j = norms[:, others.view(-1)].view(K, steps, T)
+    usable = norms_j > 0
+    sin_targets = (1 - targets_all.square()).clamp_min(0).sqrt()
+    # where a pair is corrected, its denominator is ‖gⱼ‖·max(√(1−φ̂²), eps)
+    denominators = torch.where(usable, norms_j, 1.0) * sin_targets.clamp_min(eps)
+    phis = torch.empty(K, steps, T, dtype=G64.dtype)
+    coefficients = torch.eye(T, dtype=G64.dtype).expand(K, T, T).clone()  # [k, i, :]: g_i^PC on the g_j
+    flat_coefficients = coefficients.view(K, T * T)
+    dots = G64.clone()  # dots[k, i, j] = g_i^PC · g_j within group k
+    flat_dots = dots.view(K, T * T)
+    for step in range(steps):
+        idx = pairs[step]
+        dot = flat_dots[:, idx]
         norm_i = (dots * coefficients).sum(dim=-1).clamp_min(0).sqrt()
-        norm_j = norms[:, others]
-        denominator = norm_i * norm_j
-        phi = torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
-        phi = phi.clamp(-1.0, 1.0)
-        target = phi_hat[:, tasks, others]
-        correct = (phi < target) & (norm_j > 0)
-        sin_target = (1 - target.square()).clamp_min(0).sqrt()
-        numerator = norm_i * (target * (1 - phi.square()).clamp_min(0).sqrt() - phi * sin_target)
-        scale = torch.where(
-            correct, numerator / (torch.where(correct, norm_j, 1.0) * sin_target.clamp_min(eps)), 0.0
-        )
-        coefficients[:, tasks, others] += scale
-        dots += scale[..., None] * G64[:, others, :]
-        phi_hat[:, tasks, others] = (1 - beta) * target + beta * phi
+        denominator = norm_i * norms_j[:, step]
+        positive = denominator > 0
+        phi = torch.where(positive, dot / torch.where(positive, denominator, 1.0), 0.0).clamp(-1.0, 1.0)
+        target = targets_all[:, step]
+        correct = (phi < target) & usable[:, step]
+        numerator = norm_i * (target * (1 - phi.square()).clamp_min(0).sqrt() - phi * sin_targets[:, step])
+        scale = torch.where(correct, numerator / denominators[:, step], 0.0)
+        flat_coefficients.index_add_(1, idx, scale)
+        dots.addcmul_(scale[..., None], G64.index_select(1, others[step]))
+        phis[:, step] = phi
+    if steps > 0:
+        flat_phi_hat[:, pairs.view(-1)] = ((1 - beta) * targets_all + beta * phis).view(K, -1)
     weights = coefficients.sum(dim=1)
     if not grouped:
         weights, phi_hat = weights[0], phi_hat[0]

@@ -40,16 +40,25 @@ def pcgrad_weights(G: Tensor, *, generator: torch.Generator | None = None) -> Te
     T = G64.shape[0]
     orders = randperms(T, T, generator)
     tasks = torch.arange(T)
-    coefficients = torch.eye(T, dtype=G64.dtype)  # row i: coefficients of g_i^PC on the original g_k
+    # Step s projects every task i on the original g_j, j = orders[i, s]; everything that does not depend
+    # on the projected gradients is gathered once (flat indices of the pairs (i, j), their ‖g_j‖²).
+    pairs = (tasks[:, None] * T + orders).T.contiguous()  # [step, i]: flat index of (i, j) in a [T, T] matrix
+    others = orders.T.contiguous()  # [step, i] = j
+    sq_norms = G64.diagonal()[others]
+    valid = (others != tasks) & (sq_norms > 0)
+    safe_sq_norms = torch.where(valid, sq_norms, 1.0)
     dots = G64.clone()  # dots[i, j] = g_i^PC · g_j
-    sq_norms = G64.diagonal()
+    flat_dots = dots.view(-1)
+    coefs = torch.zeros(T, T, dtype=G64.dtype)  # [step, i]: coefficient of g_j removed from g_i^PC
     for step in range(T):
-        others = orders[:, step]
-        dot = dots[tasks, others]
-        project = (others != tasks) & (dot < 0) & (sq_norms[others] > 0)
-        coef = torch.where(project, dot / torch.where(project, sq_norms[others], 1.0), 0.0)
-        coefficients[tasks, others] -= coef
-        dots -= coef[:, None] * G64[others]
+        dot = flat_dots[pairs[step]]
+        coef = torch.where(valid[step], dot.clamp(max=0.0) / safe_sq_norms[step], 0.0)
+        coefs[step] = coef
+        dots.addcmul_(coef[:, None], G64.index_select(0, others[step]), value=-1.0)
+    # row i: coefficients of g_i^PC on the original g_k (identity minus the projections)
+    coefficients = (
+        torch.eye(T, dtype=G64.dtype).view(-1).index_add_(0, pairs.view(-1), -coefs.view(-1)).view(T, T)
+    )
     return as_output(coefficients.sum(dim=0), G)
 
 

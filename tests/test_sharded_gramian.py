@@ -1,0 +1,279 @@
+"""Shard-wise per-task gradients of an FSDP2 (``fully_shard``) model against the unsharded computation.
+
+Two gloo processes, each with half of a global batch of 8, shard a tiny MLP (a trunk of two layers, the shared
+parameters, and three one-row heads: rank 1 holds empty shards of them) with ``fully_shard``. On every step the
+Gramian built shard by shard equals the unsharded Gramian of the global batch, and three steps — UPGrad with
+plain heads (the correction in the one backward, :func:`shard_term`), MGDA with weighted heads (``Σ wᵢLᵢ``
+only), PCGrad with plain heads written into the DTensor gradients after the backward
+(:func:`add_to_shard_grads`, per-task gradients by blocks) — give the parameters of the same steps taken by one
+process on the whole batch, within 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import restore_environ
+from torch import nn
+
+from lightning_mtl.functional.mgda import mgda_weights
+from lightning_mtl.functional.pcgrad import pcgrad_weights
+from lightning_mtl.functional.upgrad import upgrad_weights
+from lightning_mtl.gradients import gramian, jacobian
+from lightning_mtl.gradients.sharded import (
+    ShardLayout,
+    add_to_shard_grads,
+    fsdp_layout,
+    shard_combination,
+    shard_jacobian,
+    shard_term,
+    sharded_gramian,
+)
+
+T, B, LR = 3, 8, 0.5
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(T))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.trunk(x)
+        return torch.cat([h(z) for h in self.heads], dim=1)
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, generator=g)
+    y = torch.stack([x[:, 0], -x[:, 0] + 0.5, x[:, 1] * x[:, 2]], dim=1)  # tasks 0 and 1 conflict
+    return x, y
+
+
+def _losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((net(x) - y) ** 2).mean(dim=0)  # [T]
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+# the three steps: (weights from G, heads)
+def _weights(step: int, G: torch.Tensor) -> torch.Tensor:
+    if step == 0:
+        return upgrad_weights(G)
+    if step == 1:
+        return mgda_weights(G)
+    return pcgrad_weights(G, generator=torch.Generator().manual_seed(3))
+
+
+HEADS = ("plain", "weighted", "plain")
+
+
+def _reference() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """One process, the whole batch: the Gramians and the parameters after each step."""
+    net = _net()
+    x, y = _data()
+    grams, params = [], []
+    for step in range(3):
+        L = _losses(net, x, y)
+        shared = list(net.trunk.parameters())
+        J = jacobian(L, shared)
+        G = gramian(J)
+        w = _weights(step, G).to(L)
+        net.zero_grad()
+        if HEADS[step] == "weighted":
+            (w * L).sum().backward()
+        else:  # heads ∇ΣLᵢ, shared Jᵀw
+            c = (w - 1) @ J
+            total, offset = L.sum(), 0
+            for p in shared:
+                total = total + (p * c[offset : offset + p.numel()].view_as(p)).sum()
+                offset += p.numel()
+            total.backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= LR * p.grad
+        grams.append(G)
+        params.append([p.detach().clone() for p in net.parameters()])
+    return grams, params
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        net = _net()
+        fully_shard(net.trunk, mesh=mesh, reshard_after_forward=False)
+        fully_shard(net, mesh=mesh, reshard_after_forward=False)
+        sharded_trunk = list(net.trunk.parameters())  # DTensors outside the forward/backward
+        layout = fsdp_layout(sharded_trunk)
+        opt = torch.optim.SGD(net.parameters(), lr=LR)
+        x, y = _data()
+        per = B // world
+        x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        grams, params, shard_numels = [], [], []
+        for step in range(3):
+            opt.zero_grad()
+            L = _losses(net, x, y)
+            shared = list(net.trunk.parameters())  # unsharded (reshard_after_forward=False)
+            assert ShardLayout.of(shared) == layout
+            J_s = shard_jacobian(L, shared, layout, block_numel=8 if step == 2 else None)
+            shard_numels.append(J_s.shape[1])
+            G = sharded_gramian(J_s)
+            w = _weights(step, G).to(L)
+            if HEADS[step] == "weighted":
+                (w * L).sum().backward()
+            elif step == 0:  # the correction in the one backward
+                (L.sum() + shard_term(shared, shard_combination(J_s, w - 1), layout)).backward()
+            else:  # the correction written into the shards' gradients after the backward
+                L.sum().backward()
+                add_to_shard_grads(sharded_trunk, shard_combination(J_s, w - 1), layout)
+            opt.step()
+            grams.append(G)
+            params.append([p.full_tensor().detach().clone() for p in net.parameters()])
+        torch.save(
+            {"grams": grams, "params": params, "shard_numels": shard_numels, "numel": layout.numel},
+            f"{out}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_sharded_gramian_and_steps_equal_unsharded(tmp_path):
+    with restore_environ():
+        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    grams, params = _reference()
+    for rank in range(2):
+        rec = torch.load(tmp_path / f"rank{rank}.pt")
+        for step in range(3):
+            torch.testing.assert_close(rec["grams"][step], grams[step], atol=1e-5, rtol=1e-5)
+            for got, want in zip(rec["params"][step], params[step], strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # the rank held only its shard of J: rows 3+3+2+2 of 5·3, 5, 3·5, 3 on rank 0 (P = 38, P_0 = 24, P_1 = 14)
+        assert rec["numel"] == 38
+        assert rec["shard_numels"] == ([24] * 3 if rank == 0 else [14] * 3)
+    # the steps moved, and UPGrad's weights were not equal (the tasks conflict)
+    assert not torch.allclose(params[0][0], _net().trunk[0].weight)
+
+
+# ------------------------------------------------------------------------------------------ one process
+@pytest.mark.parametrize("d", [1, 2, 5, 7])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_layout_matches_torch_chunk(d, world):
+    x = torch.arange(d * 2.0).view(d, 2)
+    chunks = list(torch.chunk(x, world, dim=0))
+    chunks += [x[:0]] * (world - len(chunks))  # FSDP2 pads the split with empty shards
+    for r in range(world):
+        layout = ShardLayout((torch.Size([d, 2]),), r, world)
+        start, stop = layout.rows(0)
+        assert torch.equal(x[start:stop], chunks[r])
+        assert layout.local_numel == chunks[r].numel()
+
+
+def test_one_rank_is_the_plain_computation():
+    net = _net()
+    x, y = _data()
+    L = _losses(net, x, y)
+    shared = list(net.trunk.parameters())
+    J = jacobian(L, shared)
+    layout = ShardLayout.of(shared)
+    J_s = shard_jacobian(L, shared, layout, block_numel=16)
+    torch.testing.assert_close(J_s, J)
+    torch.testing.assert_close(sharded_gramian(J_s), gramian(J))
+    w = torch.tensor([0.2, 0.3, 0.5])
+    c = shard_combination(J_s, w)
+    grads = torch.autograd.grad(shard_term(shared, c, layout), shared)
+    torch.testing.assert_close(torch.cat([g.flatten() for g in grads]), w @ J)
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="0-dim"):
+        ShardLayout((torch.Size([]),), 0, 1)
+    with pytest.raises(ValueError, match="rank"):
+        ShardLayout((torch.Size([2]),), 2, 2)
+    with pytest.raises(ValueError, match="not a DTensor"):
+        fsdp_layout([nn.Parameter(torch.zeros(2))])
+    p = nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="unsharded parameters"):
+        shard_jacobian(p.sum(0), [p], ShardLayout((torch.Size([4, 2]),), 0, 1))
+    with pytest.raises(ValueError, match="block_numel"):
+        shard_jacobian(p.sum(0), [p], block_numel=0)
+    with pytest.raises(ValueError, match="elements"):
+        shard_term([p], torch.zeros(5), ShardLayout.of([p]))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL)"
+)
+@pytest.mark.timeout(300)
+def test_sharded_steps_on_two_gpus(tmp_path):  # pragma: no cover - GPU machines only
+    with restore_environ():
+        mp.spawn(_gpu_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    grams, params = _reference()
+    for rank in range(2):
+        rec = torch.load(tmp_path / f"rank{rank}.pt")
+        for step in range(3):
+            torch.testing.assert_close(rec["grams"][step].cpu(), grams[step], atol=1e-5, rtol=1e-5)
+            for got, want in zip(rec["params"][step], params[step], strict=True):
+                torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def _gpu_worker(rank: int, world: int, port: int, out: str) -> None:  # pragma: no cover - GPU machines only
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cuda", (world,))
+        net = _net().cuda()
+        fully_shard(net.trunk, mesh=mesh, reshard_after_forward=False)
+        fully_shard(net, mesh=mesh, reshard_after_forward=False)
+        sharded_trunk = list(net.trunk.parameters())
+        layout = fsdp_layout(sharded_trunk)
+        opt = torch.optim.SGD(net.parameters(), lr=LR)
+        x, y = (t.cuda() for t in _data())
+        per = B // world
+        x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        grams, params = [], []
+        for step in range(3):
+            opt.zero_grad()
+            L = _losses(net, x, y)
+            shared = list(net.trunk.parameters())
+            J_s = shard_jacobian(L, shared, layout, block_numel=8 if step == 2 else None)
+            G = sharded_gramian(J_s)
+            w = _weights(step, G.cpu()).to(L)
+            if HEADS[step] == "weighted":
+                (w * L).sum().backward()
+            elif step == 0:
+                (L.sum() + shard_term(shared, shard_combination(J_s, w - 1), layout)).backward()
+            else:
+                L.sum().backward()
+                add_to_shard_grads(sharded_trunk, shard_combination(J_s, w - 1), layout)
+            opt.step()
+            grams.append(G.cpu())
+            params.append([p.full_tensor().detach().cpu() for p in net.parameters()])
+        torch.save({"grams": grams, "params": params}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

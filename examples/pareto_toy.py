@@ -60,7 +60,8 @@ def toy_jacobian(x: Tensor, scales: tuple[float, float] = (1.0, 1.0)) -> tuple[T
     sech2 = 1 - torch.tanh(x2) ** 2  # d tanh(x₂)/dx₂; tanh(−x₂) = −tanh(x₂)
     u1 = 0.5 * (-x1 - 7) + torch.tanh(x2)
     u2 = 0.5 * (-x1 + 3) - torch.tanh(x2) + 2
-    live1, live2 = (u1.abs() > LOWER).to(x.dtype), (u2.abs() > LOWER).to(x.dtype)
+    # clamp's derivative, as autograd's: 1 where the input is >= the bound (also exactly at it)
+    live1, live2 = (u1.abs() >= LOWER).to(x.dtype), (u2.abs() >= LOWER).to(x.dtype)
     h1 = torch.log(torch.clamp(u1.abs(), min=LOWER)) + 6
     h2 = torch.log(torch.clamp(u2.abs(), min=LOWER)) + 6
     dh1 = torch.stack([-0.5 / u1, sech2 / u1], -1) * live1[..., None]  # d log|u| = du / u
@@ -72,8 +73,10 @@ def toy_jacobian(x: Tensor, scales: tuple[float, float] = (1.0, 1.0)) -> tuple[T
     t = torch.tanh(x2 / 2)
     a, b = torch.clamp(t, min=0), torch.clamp(-t, min=0)
     dt = 0.5 * (1 - t**2)
-    da = torch.where(t > 0, dt, torch.zeros_like(dt))
-    db = torch.where(t < 0, -dt, torch.zeros_like(dt))
+    da = torch.where(t >= 0, dt, torch.zeros_like(dt))  # at x₂ = 0 both a and b pass the gradient (autograd's
+    db = torch.where(
+        t <= 0, -dt, torch.zeros_like(dt)
+    )  # clamp), so the start (0, 0) is not a stationary point
     zero = torch.zeros_like(x1)
     d_ab_1 = torch.stack([zero, h1 * da + q1 * db], -1)  # the terms from a(x₂), b(x₂)
     d_ab_2 = torch.stack([zero, h2 * da + q2 * db], -1)
@@ -166,6 +169,47 @@ def run(
             sched.step()
         if record_every and step % record_every == 0:
             path.append(x.detach().clone())
+    path.append(x.detach().clone())
+    return x.detach(), path
+
+
+def run_famo(
+    starts: list[tuple[float, float]],
+    steps: int,
+    lr: float,
+    scales: tuple[float, float] = (0.1, 1.0),
+    min_losses: tuple[float, float] | None = None,
+    logits_lr: float = 0.025,
+    weight_decay: float = 1e-3,
+    cosine: bool = False,
+) -> tuple[Tensor, list[Tensor]]:
+    """FAMO on every start at once: Adam on ``x`` along ``Σ wᵢ∇Lᵢ`` (FAMO's effective weights), then the logits'
+    private Adam step (``logits_lr``, ``weight_decay``) on the change of the log-losses over the step, as in the
+    authors' toy (``min_losses`` default ``(−21·s₁, −21)``: the toy's losses are negative). Returns ``x`` and the
+    path."""
+    from lightning_mtl.functional import famo_effective_weights, famo_logits_grad
+
+    lower = torch.tensor(min_losses if min_losses is not None else (-21 * scales[0], -21.0 * scales[1]))
+    x = torch.tensor(starts, dtype=torch.float32, requires_grad=True)
+    logits = torch.zeros(len(starts), 2, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    logits_opt = torch.optim.Adam([logits], lr=logits_lr, weight_decay=weight_decay)
+    path = [x.detach().clone()]
+    for _ in range(steps):
+        before, J = toy_jacobian(x, scales)
+        w = torch.stack(
+            [famo_effective_weights(logits[k].detach(), before[k], lower) for k in range(len(starts))]
+        )
+        x.grad = torch.einsum("st,stp->sp", w, J).detach()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        after = toy_losses(x.detach(), scales)
+        logits.grad = torch.stack(
+            [famo_logits_grad(logits[k].detach(), before[k], after[k], lower) for k in range(len(starts))]
+        )
+        logits_opt.step()
     path.append(x.detach().clone())
     return x.detach(), path
 

@@ -11,6 +11,7 @@ the logged ``val/loss/<task>/dataloader_idx_<k>`` is task ``k``'s loss on its ow
 
     python examples/multitask_loader.py                      # joint
     python examples/multitask_loader.py --mode sampled --temperature 2
+    lightning-mtl compare --config examples/multitask_loader_config.yaml --strategies equal,pcgrad,mgda --epochs 3
 """
 
 from __future__ import annotations
@@ -55,6 +56,35 @@ class TwoDatasetNet(MultiTaskModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class TwoDatasetData(pl.LightningDataModule):
+    """The two tasks' datasets as a data module (for LightningCLI and ``lightning-mtl compare --config``): a
+    ``MultiTaskLoader`` for training, one validation loader per task.
+
+    Args:
+        mode: ``"joint"`` or ``"sampled"`` (see :class:`~lightning_mtl.data.MultiTaskLoader`).
+        temperature: sampled mode: p ∝ dataset size^(1/τ).
+        batch_size: per task.
+    """
+
+    def __init__(self, mode: str = "joint", temperature: float = 1.0, batch_size: int = 64) -> None:
+        super().__init__()
+        self.mode, self.temperature, self.batch_size = mode, temperature, batch_size
+        self.train = {"house": make_task(4000, 0, 0.05, seed=1), "rent": make_task(400, 1, 0.2, seed=2)}
+        self.val = {"house": make_task(500, 0, 0.05, seed=3), "rent": make_task(500, 1, 0.2, seed=4)}
+
+    def train_dataloader(self) -> MultiTaskLoader:
+        sampled = (
+            {"weights": "proportional", "temperature": self.temperature} if self.mode == "sampled" else {}
+        )
+        loaders = {
+            task: DataLoader(ds, batch_size=self.batch_size, shuffle=True) for task, ds in self.train.items()
+        }
+        return MultiTaskLoader(loaders, mode=self.mode, **sampled)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return task_eval_loaders({task: DataLoader(ds, batch_size=250) for task, ds in self.val.items()})
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

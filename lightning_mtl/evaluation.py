@@ -94,10 +94,15 @@ def batch_size(batch: Any) -> int:
 
 def log_eval_losses(module: pl.LightningModule, losses: EvalLosses, stage: str) -> None:
     """Log ``<stage>/loss/<task>`` and ``<stage>/loss`` (the unweighted sum), per dataloader (suffix
-    ``/dataloader_idx_<k>`` when there are several), and the stage's per-task metrics."""
+    ``/dataloader_idx_<k>`` when there are several), and the stage's per-task metrics.
+
+    With several dataloaders of which each labels a different set of tasks (one loader per task:
+    :func:`~lightning_mtl.data.task_eval_loaders`), every task's values are also logged without the suffix and the
+    callbacks (``DeltaM``, ``MTLSummary``) receive every task's; otherwise they receive the first dataloader's."""
     trainer = module.trainer
     rows, means = losses.means(trainer, num_eval_dataloaders(trainer, stage), module.device)
     names = module.task_names
+    per_loader: list[dict[str, Tensor]] = []
     for idx, mean in means:
         suffix = f"/dataloader_idx_{idx}" if rows > 1 else ""
         labelled = [(n, v) for n, v, ok in zip(names, mean.unbind(), torch.isfinite(mean).tolist()) if ok]
@@ -105,7 +110,23 @@ def log_eval_losses(module: pl.LightningModule, losses: EvalLosses, stage: str) 
         metrics = {f"{stage}/loss/{n}{suffix}": v for n, v in labelled}
         metrics[f"{stage}/loss{suffix}"] = torch.stack(values).sum() if values else mean.new_zeros(())
         log_reduced(module, metrics)
-        log_task_metrics(module, stage, {f"{n}/loss": v for n, v in labelled}, idx, suffix)
+        per_loader.append(
+            log_task_metrics(module, stage, {f"{n}/loss": v for n, v in labelled}, idx, suffix, notify=False)
+        )
+    tasks = [{key.split("/", 1)[0] for key in values} for values in per_loader]
+    disjoint = len(per_loader) > 1 and sum(len(t) for t in tasks) == len(set().union(*tasks))
+    if (
+        disjoint
+    ):  # one loader per task: each task's values under its plain key, and all of them to the callbacks
+        merged = {k: v for values in per_loader for k, v in values.items()}
+        log_reduced(module, {f"{stage}/{k}": v for k, v in merged.items() if not k.endswith("/loss")})
+        log_reduced(
+            module,
+            {f"{stage}/loss/{k[: -len('/loss')]}": v for k, v in merged.items() if k.endswith("/loss")},
+        )
+        _notify_task_metrics(module, stage, merged)
+    elif per_loader:
+        _notify_task_metrics(module, stage, per_loader[0])
 
 
 def log_task_metrics(
@@ -114,17 +135,25 @@ def log_task_metrics(
     losses: dict[str, Tensor],
     dataloader_idx: int = 0,
     suffix: str = "",
-) -> None:
-    """Compute (synchronised by torchmetrics), log ``<stage>/<task>/<metric>``, reset, and hand the values (plus
-    the epoch's ``<task>/loss``) to callbacks defining ``on_task_metrics`` (e.g. ``DeltaM``); with several
-    dataloaders, only the first one's values go to those callbacks."""
+    notify: bool = True,
+) -> dict[str, Tensor]:
+    """Compute (synchronised by torchmetrics), log ``<stage>/<task>/<metric>`` and reset; return the values plus
+    the epoch's ``<task>/loss``, and with ``notify`` hand them to callbacks defining ``on_task_metrics`` (e.g.
+    ``DeltaM``)."""
     task_metrics = module.task_metrics
     values = task_metrics.compute(stage, dataloader_idx) if task_metrics is not None else {}
     if values:
         log_reduced(module, {f"{stage}/{k}{suffix}": v for k, v in values.items()})
     values.update(losses)
-    if values and dataloader_idx == 0:
-        trainer = module.trainer
-        for cb in trainer.callbacks:
-            if hasattr(cb, "on_task_metrics"):
-                cb.on_task_metrics(trainer, module, stage, values)
+    if notify:
+        _notify_task_metrics(module, stage, values)
+    return values
+
+
+def _notify_task_metrics(module: pl.LightningModule, stage: str, values: dict[str, Tensor]) -> None:
+    if not values:
+        return
+    trainer = module.trainer
+    for cb in trainer.callbacks:
+        if hasattr(cb, "on_task_metrics"):
+            cb.on_task_metrics(trainer, module, stage, values)

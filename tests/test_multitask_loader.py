@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -541,3 +542,24 @@ def test_example_runs():
     results = example["main"](["--epochs", "1"])
     assert set(results) == {"house", "rent"}
     assert all(0 < loss < 0.3 for loss in results.values()), results
+
+
+def test_compare_runs_on_a_config_with_per_task_loaders_and_partial_labels(tmp_path, monkeypatch):
+    """The issue's end-to-end check: ``lightning-mtl compare --config`` whose data module returns a
+    MultiTaskLoader and one validation loader per task (partial tasks); each task's loss reaches the table."""
+    from lightning_mtl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    out = tmp_path / "cmp"
+    main(
+        [
+            "compare", "--config", "examples/multitask_loader_config.yaml", "--strategies", "equal,pcgrad",
+            "--epochs", "1", "--baselines", "none", "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    rows = [
+        line for line in (out / "results.md").read_text().splitlines() if line.startswith("| EqualWeighting")
+    ]
+    cells = [c.strip() for c in rows[0].split("|")[2:4]]
+    assert all(float(c) > 0 for c in cells), rows  # house/loss and rent/loss, each from its own loader

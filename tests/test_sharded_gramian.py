@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -277,3 +278,117 @@ def _gpu_worker(rank: int, world: int, port: int, out: str) -> None:  # pragma: 
         torch.save({"grams": grams, "params": params}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ Lightning (FSDP2)
+LIGHTNING_STRATEGIES = ("DWA", "UPGrad", "MGDA", "PCGrad")
+
+
+def _fsdp_tiny_net():
+    from helpers import TinyNet
+    from torch.distributed.fsdp import fully_shard
+
+    class FSDPTinyNet(TinyNet):
+        def configure_model(self) -> None:
+            mesh = self.device_mesh["data_parallel"]
+            # every module called in task_losses is a unit of its own: FSDP2 gathers a unit's parameters when
+            # the unit is called, and Lightning calls training_step, never the root's forward
+            for module in (self.encoder, *self.heads.values()):
+                fully_shard(module, mesh=mesh, reshard_after_forward=False)
+            fully_shard(self, mesh=mesh, reshard_after_forward=False)
+
+    return FSDPTinyNet(optimizer="adam", lr=0.01)
+
+
+def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun rank
+    from helpers import make_data, trainer
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader
+
+    import lightning_mtl.gradients.window as window
+    from lightning_mtl.cli.registry import make_strategy
+
+    calls = [0]
+    engine = window.shard_jacobian
+
+    def counted(*args, **kwargs):  # proves that the sharded engine served the gradient methods
+        calls[0] += 1
+        return engine(*args, **kwargs)
+
+    window.shard_jacobian = counted
+    ds = make_data(n=64)
+    for name in LIGHTNING_STRATEGIES:
+        calls[0] = 0
+        strategy = make_strategy(name)
+        model = _fsdp_tiny_net()
+        t = trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=2,
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            callbacks=[strategy],
+        )
+        t.fit(model, DataLoader(ds, batch_size=batch))
+        params = torch.cat([p.full_tensor().detach().flatten() for p in model.parameters()])
+        if t.global_rank == 0:
+            torch.save(
+                {"params": params, "weights": strategy.weights, "sharded_calls": calls[0]},
+                os.path.join(out, f"{name}.pt"),
+            )
+
+
+@pytest.mark.timeout(600)
+def test_lightning_model_parallel_strategy_equals_one_process(tmp_path):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2) on 2 CPU ranks (gloo, launched by torchrun) x B equals one
+    process x 2B for a loss method (DWA) and three gradient methods (UPGrad and PCGrad: heads plain, the
+    correction through the shards; MGDA: heads weighted), after 2 epochs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import TinyNet, flat_params, make_data, trainer
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_mtl.cli.registry import make_strategy
+
+    epochs, batch = 2, 8
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MASTER_", "RANK", "WORLD_", "LOCAL_", "PL_"))
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        __file__,
+        str(tmp_path),
+        str(epochs),
+        str(batch),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ds = make_data(n=64)
+    with restore_environ():
+        os.environ.pop("PL_GLOBAL_SEED", None)
+        for name in LIGHTNING_STRATEGIES:
+            strategy = make_strategy(name)
+            model = TinyNet(optimizer="adam", lr=0.01)
+            sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)  # as Lightning's
+            trainer(max_epochs=epochs, callbacks=[strategy]).fit(
+                model, DataLoader(ds, batch_size=2 * batch, sampler=sampler)
+            )
+            saved = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+            # 2 epochs x 4 steps of per-task gradients by the sharded engine (none for the loss method)
+            assert saved["sharded_calls"] == (0 if name == "DWA" else 8), name
+            torch.testing.assert_close(saved["params"], flat_params(model), atol=1e-5, rtol=0, msg=name)
+            for task, w in strategy.weights.items():
+                assert saved["weights"][task] == pytest.approx(w, abs=1e-5), name
+
+
+if __name__ == "__main__":  # torchrun rank of test_lightning_model_parallel_strategy_equals_one_process
+    _lightning_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

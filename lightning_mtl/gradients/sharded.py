@@ -50,6 +50,7 @@ __all__ = [
     "ShardLayout",
     "add_to_shard_grads",
     "fsdp_layout",
+    "fsdp_sharded",
     "reduce_scatter_rows",
     "shard_combination",
     "shard_jacobian",
@@ -158,6 +159,15 @@ def fsdp_layout(params: Sequence[Tensor]) -> ShardLayout:
     return layout
 
 
+def fsdp_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules is sharded by FSDP2 (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 def reduce_scatter_rows(
     grads: Sequence[Tensor], layout: ShardLayout, group: dist.ProcessGroup | None = None
 ) -> Tensor:
@@ -247,6 +257,14 @@ def shard_jacobian(
             "shard_jacobian: the parameters' shapes "
             f"{[tuple(p.shape) for p in params]} differ from the layout's {[tuple(s) for s in layout.shapes]}: "
             "pass the unsharded parameters (after the forward, with reshard_after_forward=False)."
+        )
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        raise ValueError(
+            "shard_jacobian: the parameters are sharded DTensors, not FSDP's unsharded parameters: take the "
+            "per-task gradients after the forward of a module sharded with fully_shard(..., "
+            "reshard_after_forward=False) (SHARD_GRAD_OP), while the parameters are still unsharded."
         )
     engine = JacobianEngine("auto", owner="shard_jacobian") if engine is None else engine
     shards = []

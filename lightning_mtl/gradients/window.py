@@ -38,6 +38,14 @@ from torch import Tensor, nn
 from lightning_mtl.functional import gramian
 from lightning_mtl.gradients.jacobian import JacobianEngine, JacobianMethod, unflatten
 from lightning_mtl.gradients.lean import LeanGramian, combination_grads, prefers_lean
+from lightning_mtl.gradients.sharded import (
+    ShardLayout,
+    fsdp_sharded,
+    shard_combination,
+    shard_jacobian,
+    shard_term,
+    sharded_gramian,
+)
 from lightning_mtl.gradients.sources import (
     ParameterSource,
     check_trainable,
@@ -125,6 +133,7 @@ class TaskGradients:
         self._parts_J: Tensor | None = None
         self._lean = False  # this window uses the lean engine (decided at its first micro-batch)
         self._G: Tensor | None = None  # the lean window's Gramian
+        self._layout: ShardLayout | None = None  # FSDP2: _sum is this rank's shard J_s [T, P_s] (sharded.py)
         self.count = 0
 
     def parameters(self, module: nn.Module) -> list[nn.Parameter]:
@@ -174,8 +183,19 @@ class TaskGradients:
         known up front); otherwise the losses are kept for :meth:`backward` at the window's end.
         """
         if self.count == 0:
-            self._lean = self.uses_lean(ctx)
-        if self._lean:  # the work waits for the window's end (one backward of the window's losses)
+            self._layout = self._shard_layout(ctx)
+            self._lean = self._layout is None and self.uses_lean(ctx)
+        if self._layout is not None:  # FSDP2: this rank's shard of the rank-averaged J, by parameter blocks
+            J_s = shard_jacobian(
+                ctx.losses,
+                self.parameters(ctx.module),
+                self._layout,
+                engine=self._engine,
+                scale=grad_scale(ctx.trainer),
+                block_numel=self.shard_block_numel,
+            )
+            self._sum = J_s.detach() if self._sum is None else self._sum + J_s.detach()
+        elif self._lean:  # the work waits for the window's end (one backward of the window's losses)
             if not keep_graph or ctx.part_losses is not None:
                 raise RuntimeError(
                     f"{self.owner}: jacobian='lean' needs the micro-batches' graphs until the window's end and "
@@ -245,6 +265,12 @@ class TaskGradients:
         """The Jacobian ``[T, P]`` of the window's mean losses (of the global batch with ``sync="exact"``)."""
         if self.target != "parameters":
             raise RuntimeError(f"{self.owner}: the Jacobian is only formed for target='parameters'.")
+        if self._layout is not None:
+            raise RuntimeError(
+                f"{self.owner}: the model is sharded (FSDP2): each rank holds only its shard of the Jacobian, "
+                "never the whole T × P Jacobian. Only the Gramian-expressible methods (MGDA, UPGrad, PCGrad, ...) "
+                "and the loss-based or representation-mode strategies train a sharded model."
+            )
         if self._lean:
             raise RuntimeError(
                 f"{self.owner}: the lean engine (jacobian='lean', or 'auto' for a large T·P) never forms the "
@@ -268,6 +294,9 @@ class TaskGradients:
         on one rank is ``1/(R·k)`` times the local one, and different samples' blocks are orthogonal, so
         ``G = Σ G_local / (R·k)²``.
         """
+        if self.target == "parameters" and self._layout is not None:
+            assert self._sum is not None, "no micro-batch was added"
+            return sharded_gramian(self._sum / self.count)
         if self.target == "parameters" and self._lean:
             return self._lean_gramian(ctx)
         if self.target == "parameters":
@@ -317,6 +346,8 @@ class TaskGradients:
             return
         if heads == "weighted":
             total = sum((weights.to(L) * L).sum() for L in self._losses)
+        elif self.target == "parameters" and self._layout is not None:
+            total = sum(L.sum() for L in self._losses) + self._shard_term(ctx, weights - 1)
         elif self.target == "parameters" and self._lean:
             total = sum(L.sum() for L in self._losses) + self._lean_term(ctx, weights - 1)
         elif self.target == "parameters":
@@ -331,7 +362,10 @@ class TaskGradients:
 
     def _backward_split(self, ctx: StepContext, weights: Tensor, head_weights: Tensor) -> None:
         """:meth:`backward` with explicit head weights ``h``: heads ``Σ hᵢ∇Lᵢ``, shared part ``Jᵀw``."""
-        if self.target == "parameters" and self._lean:
+        if self.target == "parameters" and self._layout is not None:
+            total = sum((head_weights.to(L) * L).sum() for L in self._losses)
+            total = total + self._shard_term(ctx, weights - head_weights.to(weights))
+        elif self.target == "parameters" and self._lean:
             total = sum((head_weights.to(L) * L).sum() for L in self._losses)
             total = total + self._lean_term(ctx, weights - head_weights.to(weights))
         elif self.target == "parameters":
@@ -376,6 +410,14 @@ class TaskGradients:
         if head_weights is None and heads == "weighted":
             ctx.backward((weights.to(losses) * losses).sum())
             return
+        if self._shard_layout(ctx) is not None:  # FSDP2: this micro-batch's J_sᵀ(w − h) on every rank's shard
+            h = torch.ones_like(weights) if head_weights is None else head_weights.to(weights)
+            params = self.parameters(ctx.module)
+            layout = ShardLayout.of(params)
+            J_s = shard_jacobian(losses, params, layout, engine=self._engine, scale=grad_scale(ctx.trainer))
+            term = shard_term(params, shard_combination(J_s, weights - h), layout)
+            ctx.backward((h.to(losses) * losses).sum() + term)
+            return
         if self.uses_lean(ctx):  # this micro-batch's Jᵀ(w − h) by one plain backward, without J
             h = torch.ones_like(weights) if head_weights is None else head_weights.to(weights)
             grads_c = combination_grads(
@@ -400,6 +442,28 @@ class TaskGradients:
             ((p * g.to(p.dtype)).sum() for p, g in zip(params, unflatten(c, params), strict=True)),
             ctx.losses.new_zeros(()),
         )
+
+    #: FSDP2: the per-task gradients are taken and reduce-scattered by blocks of at most this many elements
+    shard_block_numel: int | None = None
+
+    def _shard_layout(self, ctx: StepContext) -> ShardLayout | None:
+        """FSDP2's layout of the shared parameters over the ranks, or ``None`` when the model is not sharded."""
+        if self.target != "parameters" or not fsdp_sharded(ctx.module):
+            return None
+        if self.sync != "exact" or ctx.part_losses is not None:
+            raise RuntimeError(
+                f"{self.owner}: a sharded (FSDP2) model needs sync='exact' and no batch parts (each rank holds "
+                "only its shard of the per-task gradients)."
+            )
+        return ShardLayout.of(self.parameters(ctx.module))
+
+    def _shard_term(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
+        """FSDP2: a scalar whose gradient, once FSDP has averaged it into the shards, is ``J_sᵀc`` on every
+        rank's shard of the shared parameters, times the window's ``count`` (``ctx.backward`` divides by it)."""
+        assert self._sum is not None and self._layout is not None
+        J_s = self._sum / self.count
+        c_s = shard_combination(J_s, coefficients.to(J_s)) * self.count
+        return shard_term(self.parameters(ctx.module), c_s, self._layout)
 
     def _lean_term(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
         """A scalar whose gradient is ``Σ_m J_mᵀc`` (this rank's micro-batches) on the window's parameters and

@@ -72,7 +72,8 @@ def gcs_weights(G: Tensor, main: Tensor | Sequence[bool], *, weighted: bool = Fa
 
 def olaux_products(G: Tensor, main: Tensor | Sequence[bool]) -> Tensor:
     """What OL-AUX accumulates each step: ``g_mainᵀgₖ`` for the auxiliary tasks, 0 for the main ones (float64,
-    CPU, ``[T]``); the sign of ``−∂L_main(θ_{t+1})/∂wₖ`` (Lin et al. 2019, Eq. 5: ``−α∇L_mainᵀ∇L_aux,k``)."""
+    CPU, ``[T]``): up to the θ learning rate α, ``−∂L_main(θ_{t+1})/∂wₖ``, since one step gives
+    ``∂L_main(θ_{t+1})/∂wₖ = −α∇L_mainᵀ∇L_aux,k`` (Lin et al. 2019; the equation number is not verified)."""
     dots, _ = main_products(G, main, "OLAUX")
     mask = role_mask(main, dots.numel(), "OLAUX")
     return torch.where(mask, torch.zeros_like(dots), dots)

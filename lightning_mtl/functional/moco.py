@@ -12,6 +12,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_mtl.functional._simplex import project_onto_simplex
+
 from ._checks import check_jacobian
 from ._gramian import gramian
 
@@ -56,19 +58,15 @@ def project_simplex(v: Tensor) -> Tensor:
     The sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi, Shalev-Shwartz, Singer & Chandra, ICML 2008,
     Figure 1): with ``u`` the entries sorted in decreasing order and ``ρ`` the largest ``j`` such that
     ``uⱼ − (Σ_{r≤j} u_r − 1)/j > 0``, the projection is ``max(v − θ, 0)`` with ``θ = (Σ_{r≤ρ} u_r − 1)/ρ``.
-    Exact (no iteration); same dtype and device as ``v``.
+    Exact (no iteration); same dtype and device as ``v``. The checked 1-D form of
+    :func:`~lightning_mtl.functional.modo.project_onto_simplex` (batched, no host synchronisation).
     """
     if not isinstance(v, Tensor) or v.ndim != 1 or v.numel() < 1:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
         raise ValueError(f"project_simplex takes a 1-D tensor with at least one entry, got {shape}.")
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"project_simplex takes a finite vector, got {v.tolist()}.")
-    u = torch.sort(v, descending=True).values
-    css = torch.cumsum(u, 0) - 1
-    ind = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
-    rho = int(torch.nonzero(u - css / ind > 0).max())  # u₁ − (u₁ − 1) = 1 > 0: never empty
-    theta = css[rho] / (rho + 1)
-    return (v - theta).clamp_min(0)
+    return project_onto_simplex(v)
 
 
 def _check_number(value: float, name: str, *, low: float, low_open: bool, high: float | None = None) -> float:

@@ -14,10 +14,12 @@ from lightning_mtl.strategies.equal import EqualWeighting
 from lightning_mtl.strategies.excess_mtl import ExcessMTL
 from lightning_mtl.strategies.fairgrad import FairGrad
 from lightning_mtl.strategies.famo import FAMO
+from lightning_mtl.strategies.gcs import GCS
 from lightning_mtl.strategies.gls import GLS
 from lightning_mtl.strategies.graddrop import GradDrop
 from lightning_mtl.strategies.gradnorm import GradNorm
 from lightning_mtl.strategies.gradvac import GradVac
+from lightning_mtl.strategies.hydalearn import HydaLearn
 from lightning_mtl.strategies.imtl import IMTL, IMTLL
 from lightning_mtl.strategies.imtl_g import IMTLG
 from lightning_mtl.strategies.logse import LogSE, ScaleInvariant
@@ -25,6 +27,7 @@ from lightning_mtl.strategies.mgda import MGDA
 from lightning_mtl.strategies.moco import MoCo
 from lightning_mtl.strategies.modo import MoDo
 from lightning_mtl.strategies.nash_mtl import NashMTL
+from lightning_mtl.strategies.olaux import OLAUX
 from lightning_mtl.strategies.pcgrad import PCGrad
 from lightning_mtl.strategies.rlw import RLW
 from lightning_mtl.strategies.sdmgrad import SDMGrad
@@ -39,6 +42,7 @@ __all__ = [
     "DTP",
     "DWA",
     "FAMO",
+    "GCS",
     "GLS",
     "IMTL",
     "IMTLG",
@@ -63,9 +67,11 @@ __all__ = [
     "LogSE",
     "LossWeighting",
     "MTLStrategy",
+    "HydaLearn",
     "MoCo",
     "MoDo",
     "NashMTL",
+    "OLAUX",
     "PCGrad",
     "ScaleInvariant",
     "StaticWeighting",

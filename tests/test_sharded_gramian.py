@@ -281,14 +281,29 @@ def _gpu_worker(rank: int, world: int, port: int, out: str) -> None:  # pragma: 
 
 
 # ------------------------------------------------------------------------------------------ Lightning (FSDP2)
-LIGHTNING_STRATEGIES = ("DWA", "UPGrad", "MGDA", "PCGrad")
+def _lightning_configs() -> dict:
+    """label -> (strategy factory, representation model?, module arguments, sharded-engine calls expected in
+    2 epochs of 4 steps: one per micro-batch for a parameter-mode gradient method, none otherwise)."""
+    from lightning_mtl.cli.registry import make_strategy
+    from lightning_mtl.strategies.imtl import IMTL
+    from lightning_mtl.strategies.mgda import MGDA
+
+    return {
+        "DWA": (lambda: make_strategy("DWA"), False, {}, 0),  # loss-based: unchanged
+        "UPGrad": (lambda: make_strategy("UPGrad"), False, {}, 8),  # heads plain: J_sᵀ(w − 1) per shard
+        "MGDA": (lambda: make_strategy("MGDA"), False, {}, 8),  # heads weighted: Σ wᵢLᵢ only
+        "PCGrad": (lambda: make_strategy("PCGrad"), False, {}, 8),  # surgery, from the Gramian
+        "IMTL": (lambda: IMTL(), False, {}, 8),  # explicit head weights e^s
+        "MGDA-UB": (lambda: MGDA(mode="representation"), True, {}, 0),  # representation mode: unchanged
+        "UPGrad-acc2": (lambda: make_strategy("UPGrad"), False, {"accumulate_grad_batches": 2}, 8),
+    }
 
 
-def _fsdp_tiny_net():
-    from helpers import TinyNet
+def _fsdp_tiny_net(representation: bool, **kwargs):
+    from helpers import RepTinyNet, TinyNet
     from torch.distributed.fsdp import fully_shard
 
-    class FSDPTinyNet(TinyNet):
+    class FSDPTinyNet(RepTinyNet if representation else TinyNet):
         def configure_model(self) -> None:
             mesh = self.device_mesh["data_parallel"]
             # every module called in task_losses is a unit of its own: FSDP2 gathers a unit's parameters when
@@ -297,7 +312,7 @@ def _fsdp_tiny_net():
                 fully_shard(module, mesh=mesh, reshard_after_forward=False)
             fully_shard(self, mesh=mesh, reshard_after_forward=False)
 
-    return FSDPTinyNet(optimizer="adam", lr=0.01)
+    return FSDPTinyNet(optimizer="adam", lr=0.01, **kwargs)
 
 
 def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun rank
@@ -306,7 +321,6 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
     from torch.utils.data import DataLoader
 
     import lightning_mtl.gradients.window as window
-    from lightning_mtl.cli.registry import make_strategy
 
     calls = [0]
     engine = window.shard_jacobian
@@ -317,10 +331,10 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
 
     window.shard_jacobian = counted
     ds = make_data(n=64)
-    for name in LIGHTNING_STRATEGIES:
+    for label, (factory, representation, kwargs, _) in _lightning_configs().items():
         calls[0] = 0
-        strategy = make_strategy(name)
-        model = _fsdp_tiny_net()
+        strategy = factory()
+        model = _fsdp_tiny_net(representation, **kwargs)
         t = trainer(
             max_epochs=epochs,
             accelerator="cpu",
@@ -333,23 +347,22 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
         if t.global_rank == 0:
             torch.save(
                 {"params": params, "weights": strategy.weights, "sharded_calls": calls[0]},
-                os.path.join(out, f"{name}.pt"),
+                os.path.join(out, f"{label}.pt"),
             )
 
 
 @pytest.mark.timeout(600)
 def test_lightning_model_parallel_strategy_equals_one_process(tmp_path):
     """Lightning's ``ModelParallelStrategy`` (FSDP2) on 2 CPU ranks (gloo, launched by torchrun) x B equals one
-    process x 2B for a loss method (DWA) and three gradient methods (UPGrad and PCGrad: heads plain, the
-    correction through the shards; MGDA: heads weighted), after 2 epochs."""
+    process x 2B after 2 epochs (1e-5): a loss method (DWA), gradient methods through the sharded engine
+    (UPGrad and PCGrad: heads plain, the correction through the shards; MGDA: heads weighted; IMTL: explicit
+    head weights; UPGrad with accumulate_grad_batches=2) and representation mode (MGDA-UB, unchanged)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from helpers import TinyNet, flat_params, make_data, trainer
+    from helpers import RepTinyNet, TinyNet, flat_params, make_data, trainer
     from torch.utils.data import DataLoader, DistributedSampler
-
-    from lightning_mtl.cli.registry import make_strategy
 
     epochs, batch = 2, 8
     env = {
@@ -375,19 +388,18 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path):
     ds = make_data(n=64)
     with restore_environ():
         os.environ.pop("PL_GLOBAL_SEED", None)
-        for name in LIGHTNING_STRATEGIES:
-            strategy = make_strategy(name)
-            model = TinyNet(optimizer="adam", lr=0.01)
+        for label, (factory, representation, kwargs, expected_calls) in _lightning_configs().items():
+            strategy = factory()
+            model = (RepTinyNet if representation else TinyNet)(optimizer="adam", lr=0.01, **kwargs)
             sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)  # as Lightning's
             trainer(max_epochs=epochs, callbacks=[strategy]).fit(
                 model, DataLoader(ds, batch_size=2 * batch, sampler=sampler)
             )
-            saved = torch.load(tmp_path / f"{name}.pt", weights_only=False)
-            # 2 epochs x 4 steps of per-task gradients by the sharded engine (none for the loss method)
-            assert saved["sharded_calls"] == (0 if name == "DWA" else 8), name
-            torch.testing.assert_close(saved["params"], flat_params(model), atol=1e-5, rtol=0, msg=name)
+            saved = torch.load(tmp_path / f"{label}.pt", weights_only=False)
+            assert saved["sharded_calls"] == expected_calls, label
+            torch.testing.assert_close(saved["params"], flat_params(model), atol=1e-5, rtol=0, msg=label)
             for task, w in strategy.weights.items():
-                assert saved["weights"][task] == pytest.approx(w, abs=1e-5), name
+                assert saved["weights"][task] == pytest.approx(w, abs=1e-5), label
 
 
 if __name__ == "__main__":  # torchrun rank of test_lightning_model_parallel_strategy_equals_one_process

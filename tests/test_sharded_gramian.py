@@ -29,6 +29,7 @@ from lightning_mtl.gradients import gramian, jacobian
 from lightning_mtl.gradients.sharded import (
     ShardLayout,
     add_to_shard_grads,
+    auto_block_numel,
     fsdp_layout,
     shard_combination,
     shard_jacobian,
@@ -206,6 +207,11 @@ def test_one_rank_is_the_plain_computation():
     torch.testing.assert_close(torch.cat([g.flatten() for g in grads]), w @ J)
 
 
+def test_auto_block_numel():
+    assert auto_block_numel(3, 1000) is None  # small: one batched backward
+    assert auto_block_numel(40, 10_000_000) == 1_250_000  # T·P·4 = 1.6 GB: blocks of P/8
+
+
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="0-dim"):
         ShardLayout((torch.Size([]),), 0, 1)
@@ -287,6 +293,7 @@ def _lightning_configs() -> dict:
     from lightning_mtl.cli.registry import make_strategy
     from lightning_mtl.strategies.imtl import IMTL
     from lightning_mtl.strategies.mgda import MGDA
+    from lightning_mtl.strategies.upgrad import UPGrad
 
     return {
         "DWA": (lambda: make_strategy("DWA"), False, {}, 0),  # loss-based: unchanged
@@ -296,6 +303,12 @@ def _lightning_configs() -> dict:
         "IMTL": (lambda: IMTL(), False, {}, 8),  # explicit head weights e^s
         "MGDA-UB": (lambda: MGDA(mode="representation"), True, {}, 0),  # representation mode: unchanged
         "UPGrad-acc2": (lambda: make_strategy("UPGrad"), False, {"accumulate_grad_batches": 2}, 8),
+        "UPGrad-every2": (
+            lambda: UPGrad(update_every=2),
+            False,
+            {},
+            8,
+        ),  # reused weights, J_s per micro-batch
     }
 
 
@@ -356,7 +369,7 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path):
     """Lightning's ``ModelParallelStrategy`` (FSDP2) on 2 CPU ranks (gloo, launched by torchrun) x B equals one
     process x 2B after 2 epochs (1e-5): a loss method (DWA), gradient methods through the sharded engine
     (UPGrad and PCGrad: heads plain, the correction through the shards; MGDA: heads weighted; IMTL: explicit
-    head weights; UPGrad with accumulate_grad_batches=2) and representation mode (MGDA-UB, unchanged)."""
+    head weights; UPGrad with accumulate_grad_batches=2 and with update_every=2) and representation mode (MGDA-UB, unchanged)."""
     import subprocess
     import sys
     from pathlib import Path

@@ -49,6 +49,7 @@ from lightning_mtl.gradients.jacobian import JacobianEngine
 __all__ = [
     "ShardLayout",
     "add_to_shard_grads",
+    "auto_block_numel",
     "fsdp_layout",
     "fsdp_sharded",
     "reduce_scatter_rows",
@@ -207,6 +208,19 @@ def reduce_scatter_rows(
         pieces.append(out[:, offset : offset + (stop - start) * n])
         offset += layout.chunk(k) * n
     return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
+
+
+def auto_block_numel(T: int, P: int, itemsize: int = 4) -> int | None:
+    """The block size :class:`~lightning_mtl.gradients.TaskGradients` uses on a sharded model: one block (one
+    batched backward, a transient local ``T × P``) while ``T·P`` elements take less than
+    :data:`~lightning_mtl.gradients.lean.LEAN_MIN_BYTES`, else blocks of an eighth of ``P`` (the lean engine's
+    :data:`~lightning_mtl.gradients.lean.BLOCK_FRACTION`: a transient ``T × P/8``, at about ``4.5`` batched
+    backward passes for a chain). Depends on ``T`` and ``P`` only: the same on every rank."""
+    from lightning_mtl.gradients.lean import BLOCK_FRACTION, LEAN_MIN_BYTES
+
+    if T * P * itemsize < LEAN_MIN_BYTES:
+        return None
+    return max(1, math.ceil(P * BLOCK_FRACTION))
 
 
 def _blocks(layout: ShardLayout, block_numel: int | None) -> list[list[int]]:

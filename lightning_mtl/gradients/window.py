@@ -40,6 +40,7 @@ from lightning_mtl.gradients.jacobian import JacobianEngine, JacobianMethod, unf
 from lightning_mtl.gradients.lean import LeanGramian, combination_grads, prefers_lean
 from lightning_mtl.gradients.sharded import (
     ShardLayout,
+    auto_block_numel,
     fsdp_sharded,
     shard_combination,
     shard_jacobian,
@@ -192,7 +193,7 @@ class TaskGradients:
                 self._layout,
                 engine=self._engine,
                 scale=grad_scale(ctx.trainer),
-                block_numel=self.shard_block_numel,
+                block_numel=self._shard_block(ctx, self._layout),
             )
             self._sum = J_s.detach() if self._sum is None else self._sum + J_s.detach()
         elif self._lean:  # the work waits for the window's end (one backward of the window's losses)
@@ -414,7 +415,14 @@ class TaskGradients:
             h = torch.ones_like(weights) if head_weights is None else head_weights.to(weights)
             params = self.parameters(ctx.module)
             layout = ShardLayout.of(params)
-            J_s = shard_jacobian(losses, params, layout, engine=self._engine, scale=grad_scale(ctx.trainer))
+            J_s = shard_jacobian(
+                losses,
+                params,
+                layout,
+                engine=self._engine,
+                scale=grad_scale(ctx.trainer),
+                block_numel=self._shard_block(ctx, layout),
+            )
             term = shard_term(params, shard_combination(J_s, weights - h), layout)
             ctx.backward((h.to(losses) * losses).sum() + term)
             return
@@ -444,7 +452,13 @@ class TaskGradients:
         )
 
     #: FSDP2: the per-task gradients are taken and reduce-scattered by blocks of at most this many elements
+    #: (``None``: :func:`~lightning_mtl.gradients.sharded.auto_block_numel`)
     shard_block_numel: int | None = None
+
+    def _shard_block(self, ctx: StepContext, layout: ShardLayout) -> int | None:
+        if self.shard_block_numel is not None:
+            return self.shard_block_numel
+        return auto_block_numel(int(ctx.losses.shape[0]), layout.numel)
 
     def _shard_layout(self, ctx: StepContext) -> ShardLayout | None:
         """FSDP2's layout of the shared parameters over the ranks, or ``None`` when the model is not sharded."""

@@ -145,8 +145,24 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             opt.step()
             grams.append(G)
             params.append([p.full_tensor().detach().clone() for p in net.parameters()])
+        # resharded after the forward (FSDP2's default for a non-root unit): a clear error, not wrong numbers
+        other = _net()
+        fully_shard(other.trunk, mesh=mesh)
+        fully_shard(other, mesh=mesh)
+        L = _losses(other, x, y)
+        try:
+            shard_jacobian(L, list(other.trunk.parameters()))
+            error = ""
+        except ValueError as err:
+            error = str(err)
         torch.save(
-            {"grams": grams, "params": params, "shard_numels": shard_numels, "numel": layout.numel},
+            {
+                "grams": grams,
+                "params": params,
+                "shard_numels": shard_numels,
+                "numel": layout.numel,
+                "error": error,
+            },
             f"{out}/rank{rank}.pt",
         )
     finally:
@@ -173,6 +189,7 @@ def test_sharded_gramian_and_steps_equal_unsharded(tmp_path):
         # the rank held only its shard of J: rows 3+3+2+2 of 5·3, 5, 3·5, 3 on rank 0 (P = 38, P_0 = 24, P_1 = 14)
         assert rec["numel"] == 38
         assert rec["shard_numels"] == ([24] * 3 if rank == 0 else [14] * 3)
+        assert "reshard_after_forward=False" in rec["error"]
     # the steps moved, and UPGrad's weights were not equal (the tasks conflict)
     assert not torch.allclose(params[0][0], _net().trunk[0].weight)
 

@@ -30,6 +30,7 @@ from lightning_mtl.gradients.sharded import (
     ShardLayout,
     add_to_shard_grads,
     auto_block_numel,
+    check_fsdp_mesh,
     fsdp_layout,
     shard_combination,
     shard_jacobian,
@@ -145,6 +146,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             opt.step()
             grams.append(G)
             params.append([p.full_tensor().detach().clone() for p in net.parameters()])
+        check_fsdp_mesh(net, "test")  # a 1-d mesh of all the ranks: no error
         # resharded after the forward (FSDP2's default for a non-root unit): a clear error, not wrong numbers
         other = _net()
         fully_shard(other.trunk, mesh=mesh)

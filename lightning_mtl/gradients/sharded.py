@@ -50,6 +50,7 @@ __all__ = [
     "ShardLayout",
     "add_to_shard_grads",
     "auto_block_numel",
+    "check_fsdp_mesh",
     "fsdp_layout",
     "fsdp_sharded",
     "reduce_scatter_rows",
@@ -167,6 +168,36 @@ def fsdp_sharded(module: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without FSDP2
         return False
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def check_fsdp_mesh(module: torch.nn.Module, owner: str) -> None:
+    """A clear error unless every FSDP2 unit of ``module`` shards over all the ranks of the default group in
+    their order (a one-dimensional mesh: not HSDP, not a sub-mesh of a tensor-parallel mesh), which is what the
+    sharded engine's reduce-scatter assumes. Reads FSDP2's private state; skipped where it is not found."""
+    from torch.distributed.fsdp import FSDPModule
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    for m in module.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        try:
+            group = m._get_fsdp_state()._fsdp_param_group
+            if group is None:
+                continue
+            info = group.mesh_info
+            mesh, size, shard_rank = info.mesh, info.shard_mesh_size, info.shard_mesh_rank
+        except AttributeError:  # pragma: no cover - another torch version's internals
+            return
+        if mesh.ndim != 1 or size != world or shard_rank != rank:
+            raise RuntimeError(
+                f"{owner}: an FSDP2 unit ({type(m).__name__}) shards over a {mesh.ndim}-d mesh of {size} ranks "
+                f"(this rank is {shard_rank} there, {rank} of {world} in the world); the sharded per-task "
+                "gradients need fully_shard over a one-dimensional mesh of all the ranks (e.g. "
+                "ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1) and "
+                "fully_shard(..., mesh=self.device_mesh['data_parallel'])). Use a loss-based strategy or "
+                "mode='representation' otherwise."
+            )
 
 
 def reduce_scatter_rows(

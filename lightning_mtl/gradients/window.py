@@ -41,6 +41,7 @@ from lightning_mtl.gradients.lean import LeanGramian, combination_grads, prefers
 from lightning_mtl.gradients.sharded import (
     ShardLayout,
     auto_block_numel,
+    check_fsdp_mesh,
     fsdp_sharded,
     shard_combination,
     shard_jacobian,
@@ -469,6 +470,7 @@ class TaskGradients:
                 f"{self.owner}: a sharded (FSDP2) model needs sync='exact' and no batch parts (each rank holds "
                 "only its shard of the per-task gradients)."
             )
+        check_fsdp_mesh(ctx.module, self.owner)
         return ShardLayout.of(self.parameters(ctx.module))
 
     def _shard_term(self, ctx: StepContext, coefficients: Tensor) -> Tensor:

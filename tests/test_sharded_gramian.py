@@ -436,3 +436,23 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path):
 
 if __name__ == "__main__":  # torchrun rank of test_lightning_model_parallel_strategy_equals_one_process
     _lightning_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+
+
+def test_fsdp1_is_refused_clearly_for_parameter_mode():
+    """Lightning's FSDPStrategy (FSDP1) flattens parameters: parameter-mode gradient methods refuse it. FSDP1 cannot
+    be built without an accelerator, so the wrapper here is an uninitialised instance (the check is isinstance)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_mtl.gradients import TaskGradients
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(wrapper)
+    holder = torch.nn.Module()
+    holder.body = wrapper
+
+    class Ctx:
+        module = holder
+
+    with pytest.raises(RuntimeError, match=r"UPGrad: the model is wrapped by FSDP1.*Use FSDP2 \(fully_shard"):
+        TaskGradients("UPGrad")._shard_layout(Ctx())
+    TaskGradients("GradDrop", target="representation")._shard_layout(Ctx())  # representation mode: no refusal

@@ -463,6 +463,13 @@ class TaskGradients:
 
     def _shard_layout(self, ctx: StepContext) -> ShardLayout | None:
         """FSDP2's layout of the shared parameters over the ranks, or ``None`` when the model is not sharded."""
+        if self.target == "parameters" and _fsdp1_wrapped(ctx.module):
+            raise RuntimeError(
+                f"{self.owner}: the model is wrapped by FSDP1 (Lightning's FSDPStrategy), whose flattened parameters "
+                "the per-task gradients cannot be taken of exactly. Use FSDP2 (fully_shard, e.g. through "
+                "ModelParallelStrategy) for gradient methods in parameter mode, or mode='representation', or a "
+                "loss-based strategy."
+            )
         if self.target != "parameters" or not fsdp_sharded(ctx.module):
             return None
         if self.sync != "exact" or ctx.part_losses is not None:
@@ -493,6 +500,15 @@ class TaskGradients:
     def _representation_term(z: Tensor, c: Tensor) -> Tensor:
         """A scalar whose gradient w.r.t. ``z`` is ``c`` (flat)."""
         return (z.float() * c.view_as(z).float()).sum()
+
+
+def _fsdp1_wrapped(module: nn.Module) -> bool:
+    """Whether FSDP1 (``FullyShardedDataParallel``) wraps ``module`` or one of its submodules."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without FSDP
+        return False
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
 
 
 def _dot(params: Sequence[Tensor], grads: Sequence[Tensor], like: Tensor) -> Tensor:

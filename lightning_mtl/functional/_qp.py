@@ -27,9 +27,11 @@ def solve_bounded_qp(
     the rows: each iteration solves the equality-constrained problem on the current free set of every row
     with one batched linear solve, then either stops at the first constraint that blocks the step or, at
     the subproblem's minimiser, frees the bound with the most negative multiplier. Exact (up to rounding)
-    and finite for ``Q`` positive definite. Each linear solve is restricted to the rows' free variables
-    (see :func:`_solve_on_free_set`); UPGrad's ``T = 100`` rows on a 100-task Gramian take about 30 ms on one
-    CPU thread.
+    and finite for ``Q`` positive definite. The primal phase starts from the free sets guessed by
+    primal-dual active-set rounds (:func:`_guess_free_set`), and the rows whose guess already meets the KKT
+    conditions skip it. Each linear solve is restricted to the rows' free variables
+    (:func:`_solve_on_free_set`): UPGrad's 100 problems on a 100-task Gramian of full rank take about 40 ms
+    on one CPU thread (230 ms with full-size solves).
 
     Args:
         Q: ``[T, T]`` symmetric positive definite, float64.

@@ -20,6 +20,7 @@ from lightning_mtl import Task
 from lightning_mtl.cli.registry import available_strategies
 from lightning_mtl.functional._linalg import normalize_by_trace, psd_part
 from lightning_mtl.functional._qp import solve_bounded_qp
+from lightning_mtl.strategies._auxiliary import AuxiliaryWeighting
 
 pcgrad_module = importlib.import_module("lightning_mtl.functional.pcgrad")
 gradvac_module = importlib.import_module("lightning_mtl.functional.gradvac")
@@ -49,9 +50,11 @@ class ManyNet(TinyNet):
     ``kpi=True``, gives every task an accuracy metric and returns ``(preds, target)`` for it (DTP needs a
     KPI per task)."""
 
-    def __init__(self, num_tasks: int, kpi: bool = False) -> None:
+    def __init__(self, num_tasks: int, kpi: bool = False, auxiliary: bool = False) -> None:
         names = [f"t{i}" for i in range(num_tasks)]
-        tasks = [Task(n, metrics={"acc": BinaryAccuracy()}) for n in names] if kpi else names
+        tasks: list = [Task(n, metrics={"acc": BinaryAccuracy()}) for n in names] if kpi else names
+        if auxiliary:  # t0 is the result, the others help it
+            tasks = [Task("t0")] + [Task(n, role="auxiliary") for n in names[1:]]
         super().__init__(tasks=tasks, hidden=16, lr=1e-2, optimizer="adam")
         self.kpi = kpi
 
@@ -69,13 +72,15 @@ class ManyNet(TinyNet):
 
 
 NEEDS_KPI = {"DTP"}  # strategies whose tasks need metrics (a KPI in [0, 1])
+# auxiliary-learning strategies (GCS, OLAUX, HydaLearn) need a main task and auxiliary ones: t0 and the rest
 
 
 def _fit(name: str, num_tasks: int) -> tuple[float, float, TinyNet]:
     data = make_data(n=2 * BATCH, in_dim=6, num_tasks=num_tasks)
-    model = ManyNet(num_tasks, kpi=name in NEEDS_KPI)
+    cls = available_strategies()[name]
+    model = ManyNet(num_tasks, kpi=name in NEEDS_KPI, auxiliary=issubclass(cls, AuxiliaryWeighting))
     before = _dataset_loss(model, data)
-    strategy = available_strategies()[name]()
+    strategy = cls()
     trainer(max_epochs=1, callbacks=[strategy]).fit(model, loader(data, batch_size=BATCH))
     return before, _dataset_loss(model, data), model
 

@@ -89,7 +89,7 @@ def test_a_module_without_shared_parameters_finds_them_and_trains_like_the_decla
     assert (
         auto.finds_shared_parameters and auto.shared_parameters() is None
     )  # not known before the first step
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):  # other tests may have quietened it
         trainer(max_epochs=2, callbacks=[PCGrad()]).fit(auto, loader(make_data()))
     assert _names(auto, auto.shared_parameters()) == ["encoder.0.weight", "encoder.0.bias"]
     torch.testing.assert_close(flat_params(auto), flat_params(reference), atol=0, rtol=0)

@@ -67,7 +67,10 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> MaskedMean:
 
     Return it from ``task_losses`` for a task labelled on only some samples: the module then combines the task
     over ranks (and batch parts) as one mean over all labelled entries. Entries outside the mask never reach the
-    result, even when they are NaN or inf (an unlabelled target stored as NaN is fine).
+    *value*, even when they are NaN or inf. Their *gradient* is zero only if the operations that made ``values``
+    have finite derivatives there: an unlabelled target stored as NaN makes ``(pred − nan)²``'s derivative NaN, and
+    NaN × 0 is NaN. Fill unlabelled targets before computing the per-sample loss, e.g.
+    ``target = torch.where(mask, target, 0)``.
 
     Args:
         values: per-sample (or per-element) losses, e.g. ``F.mse_loss(pred, target, reduction="none")``, shape

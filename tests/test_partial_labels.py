@@ -233,3 +233,15 @@ def test_a_task_absent_on_one_rank_only(tmp_path):
         single, rank0 = load_record(str(out1)), load_record(str(out2), 0)
     torch.testing.assert_close(single["params"], rank0["params"], atol=1e-5, rtol=0)
     assert not math.isnan(float(single["params"].sum()))
+
+
+def test_the_partial_labels_example_trains():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "partial_labels.py"
+    spec = importlib.util.spec_from_file_location("example_partial_labels", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--strategy", "PCGrad", "--epochs", "1"])
+    assert set(results) == {"score", "rare", "survey"} and all(math.isfinite(v) for v in results.values())

@@ -201,3 +201,25 @@ def test_an_architecture_without_one_representation_refuses_representation_mode_
             ArchNet(Columns), loader(make_data())
         )
     trainer(max_steps=2, callbacks=[MGDA()]).fit(ArchNet(Columns), loader(make_data()))
+
+
+def test_resume_with_found_parameters_matches_uninterrupted(tmp_path):
+    # the set is found again on the resumed fit's first step: GradVac's state (targets) and the update continue
+    from lightning_mtl.strategies import GradVac
+
+    data = loader(make_data(n=48), batch_size=12)
+
+    class AutoAdam(AutoTinyNet):
+        def __init__(self):
+            super().__init__(optimizer="adam", lr=0.01)
+
+    straight = AutoAdam()
+    trainer(max_epochs=4, callbacks=[GradVac(seed=3)]).fit(straight, data)
+    first = AutoAdam()
+    t1 = trainer(max_epochs=2, callbacks=[GradVac(seed=3)])
+    t1.fit(first, data)
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = AutoAdam()
+    trainer(max_epochs=4, callbacks=[GradVac(seed=3)]).fit(resumed, data, ckpt_path=tmp_path / "half.ckpt")
+    assert _names(resumed, resumed.shared_parameters()) == ["encoder.0.weight", "encoder.0.bias"]
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), atol=1e-6, rtol=0)

@@ -434,10 +434,6 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path):
                 assert saved["weights"][task] == pytest.approx(w, abs=1e-5), label
 
 
-if __name__ == "__main__":  # torchrun rank of test_lightning_model_parallel_strategy_equals_one_process
-    _lightning_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
-
-
 def test_fsdp1_is_refused_clearly_for_parameter_mode():
     """Lightning's FSDPStrategy (FSDP1) flattens parameters: parameter-mode gradient methods refuse it. FSDP1 cannot
     be built without an accelerator, so the wrapper here is an uninitialised instance (the check is isinstance)."""
@@ -456,3 +452,12 @@ def test_fsdp1_is_refused_clearly_for_parameter_mode():
     with pytest.raises(RuntimeError, match=r"UPGrad: the model is wrapped by FSDP1.*Use FSDP2 \(fully_shard"):
         TaskGradients("UPGrad")._shard_layout(Ctx())
     TaskGradients("GradDrop", target="representation")._shard_layout(Ctx())  # representation mode: no refusal
+
+
+if __name__ == "__main__":  # torchrun rank of test_lightning_model_parallel_strategy_equals_one_process
+    _lightning_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(
+        0
+    )  # skip the interpreter's teardown: gloo's threads can abort it ("terminate called without ...")

@@ -1,5 +1,9 @@
 """`MultiTaskModule`: the manual optimisation loop every strategy plugs into.
 
+Long because it is the one training loop: the step, the window end, partial labels, batch parts, the shared-
+parameter discovery and the evaluation hooks all act on the same step state; the helpers that need none of it
+already live in the modules named below.
+
 Its helpers live next to it: :mod:`lightning_mtl.nonfinite` (the NaN/inf policy), :mod:`lightning_mtl.schedulers`
 (LR schedulers under manual optimisation), :mod:`lightning_mtl.evaluation` (per-task evaluation losses) and
 :mod:`lightning_mtl._lightning` (every use of Lightning's private API).

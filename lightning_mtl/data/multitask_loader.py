@@ -1,5 +1,8 @@
 """One DataLoader per task, combined into one training loader that yields ``{task: batch}`` dicts.
 
+Long because the draw, the per-task cycling, the DDP sharding, the epoch and resume state and their checks are one
+iterator's state, and Lightning's loader protocol needs all of it in one object.
+
 :class:`MultiTaskLoader` is what a ``train_dataloader`` returns when every task has its own dataset (sizes may
 differ): ``mode="joint"`` gives every task each step (shorter loaders are cycled), ``mode="sampled"`` draws
 ``tasks_per_step`` tasks each step with probabilities ``p_i ∝ w_i^{1/τ}``. The draw is seeded, the same on every DDP

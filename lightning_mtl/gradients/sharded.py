@@ -1,5 +1,8 @@
 """Per-task gradients of a sharded model (FSDP2, ``fully_shard``): the Gramian shard by shard, ``Jᵀw`` per shard.
 
+Long because the layout, the reduce-scatter, the Gramian and the per-shard update must share FSDP2's layout rules,
+and each carries the checks that keep it exact.
+
 FSDP2 shards every parameter along its first dimension (``Shard(0)``): of a parameter with ``d`` rows, rank
 ``r`` of ``R`` holds rows ``[r·c, min((r + 1)·c, d))`` with ``c = ⌈d/R⌉`` (``torch.chunk``'s split; the last
 ranks may hold fewer rows or none), and after the backward FSDP reduce-scatters the gradient of the

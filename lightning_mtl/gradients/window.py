@@ -1,5 +1,8 @@
 """The per-task gradients of one accumulation window: what every gradient strategy and diagnostic asks for.
 
+Long because the window, the cross-rank reduction and the one combined backward must agree for every engine (full,
+lean, sharded, batch parts): splitting them would spread one invariant over several files.
+
 :class:`TaskGradients` owns the engine work that strategies must not repeat:
 
 1. **per micro-batch** (:meth:`TaskGradients.add`): the task losses' gradients w.r.t. the target (the shared

@@ -1,6 +1,9 @@
 """Mixture-of-experts architectures: :class:`MMoE` (one softmax gate per task over shared experts) and
 :class:`CGC` / :class:`PLE` (shared plus task-specific experts, stacked in extraction levels).
 
+Long because MMoE, CGC and PLE share their expert, gate and tower builders, input checks and gate bookkeeping: one
+file keeps those private helpers beside the three classes that use them.
+
 Every task reads its own mixture of expert outputs, so there is no single shared representation
 (``mode="representation"`` is refused). Each forward stores the gate weights it used in ``last_gates``
 (detached) so that a user can log them, e.g. with :func:`gate_entropy` to watch for gate collapse.

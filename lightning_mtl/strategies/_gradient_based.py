@@ -1,5 +1,8 @@
 """The gradient-based strategies' base: weights from the per-task gradients' Gramian, then one backward.
 
+Long because the base owns everything a weighting method inherits: update_every, sync, state by task name, clipping,
+warnings and the narrowing to the present tasks of partial labels.
+
 The engine work — per-task gradients, the accumulation window, the cross-rank reduction, the heads
 correction and the combined backward — belongs to :class:`~lightning_mtl.gradients.TaskGradients`. A
 :class:`GradientWeighting` strategy asks it once per window for the statistic of the global batch (the

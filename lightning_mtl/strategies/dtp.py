@@ -1,5 +1,8 @@
 """Dynamic Task Prioritization (Guo, Haque, Huang, Yeung & Fei-Fei, ECCV 2018).
 
+Long because reading a torchmetrics metric's value on one batch, exactly under DDP, takes a class of its own
+(:class:`_BatchKPI`) with its checks, beside the strategy.
+
 Two parts: :class:`_BatchKPI` reads, at each training step, the value of a task's KPI metric on that step's
 batch (from the module's train metrics, synchronised across ranks); :class:`DTP` keeps the moving average of
 the KPIs and weights the losses with their focal weights (:mod:`lightning_mtl.functional.dtp`).

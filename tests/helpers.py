@@ -142,6 +142,14 @@ def dummy_loader(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1)
 
 
+class ConflictNet(TinyNet):
+    """TinyNet whose task c is trained towards -2 x task a's target: conflicting gradients."""
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        return super().task_losses((x, torch.stack([y[:, 0], y[:, 1], -2 * y[:, 0]], 1)), batch_idx)
+
+
 class RepTinyNet(TinyNet):
     """:class:`TinyNet` that marks its encoder output with ``shared_representation`` (representation mode)."""
 

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 from helpers import (
+    ConflictNet,
     ScalarNet,
-    TinyNet,
     bound,
     ddp_parity_records,
     dummy_loader,
@@ -29,14 +29,6 @@ from lightning_mtl.functional.dbmtl import DBMTLState, dbmtl_step, log_loss_jaco
 from lightning_mtl.strategies.dbmtl import DBMTL
 
 F64 = torch.float64
-
-
-class ConflictNet(TinyNet):
-    """TinyNet whose task c is trained towards -2 x task a's target: conflicting gradients."""
-
-    def task_losses(self, batch, batch_idx):
-        x, y = batch
-        return super().task_losses((x, torch.stack([y[:, 0], y[:, 1], -2 * y[:, 0]], 1)), batch_idx)
 
 
 def _J(rows) -> torch.Tensor:

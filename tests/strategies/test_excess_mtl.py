@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    ConflictNet,
     ScalarNet,
     TinyNet,
     bound,
@@ -30,14 +31,6 @@ from lightning_mtl.functional.excess_mtl import (
 from lightning_mtl.strategies.excess_mtl import ExcessMTL
 
 F64 = torch.float64
-
-
-class ConflictNet(TinyNet):
-    """TinyNet whose task c is trained towards -2 x task a's target: conflicting gradients."""
-
-    def task_losses(self, batch, batch_idx):
-        x, y = batch
-        return super().task_losses((x, torch.stack([y[:, 0], y[:, 1], -2 * y[:, 0]], 1)), batch_idx)
 
 
 def _J(rows) -> torch.Tensor:

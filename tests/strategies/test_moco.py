@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    ConflictNet,
     ScalarNet,
-    TinyNet,
     bound,
     ddp_parity_records,
     dummy_loader,
@@ -31,14 +31,6 @@ from lightning_mtl.functional.moco import MoCoState, loss_norm_gradients, moco_s
 from lightning_mtl.strategies.moco import MoCo
 
 F64 = torch.float64
-
-
-class ConflictNet(TinyNet):
-    """TinyNet whose task c is trained towards -2 x task a's target: conflicting gradients."""
-
-    def task_losses(self, batch, batch_idx):
-        x, y = batch
-        return super().task_losses((x, torch.stack([y[:, 0], y[:, 1], -2 * y[:, 0]], 1)), batch_idx)
 
 
 def _J(rows) -> torch.Tensor:

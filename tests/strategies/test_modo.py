@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import TinyNet, bound, ddp_parity_records, flat_params, loader, make_data, trainer
+from helpers import ConflictNet, TinyNet, bound, ddp_parity_records, flat_params, loader, make_data, trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import TensorDataset
 
@@ -16,14 +16,6 @@ from lightning_mtl.functional.modo import cross_gramian, modo_direction, modo_we
 from lightning_mtl.strategies.modo import MoDo
 
 F64 = torch.float64
-
-
-class ConflictNet(TinyNet):
-    """TinyNet whose task c is trained towards -2 x task a's target: conflicting gradients."""
-
-    def task_losses(self, batch, batch_idx):
-        x, y = batch
-        return super().task_losses((x, torch.stack([y[:, 0], y[:, 1], -2 * y[:, 0]], 1)), batch_idx)
 
 
 def _t(rows) -> torch.Tensor:

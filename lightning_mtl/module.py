@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -35,7 +35,7 @@ from lightning_mtl.evaluation import (
 from lightning_mtl.gradients.sharing import Sharing, describe_unreached, find_sharing
 from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
-from lightning_mtl.partial import MaskedMean, combine_over_ranks, unpack_partial
+from lightning_mtl.partial import MaskedMean, combine_over_ranks, combine_parts_over_ranks, unpack_partial
 from lightning_mtl.regularizers.base import collect_terms
 from lightning_mtl.schedulers import (
     step_schedulers,
@@ -50,6 +50,20 @@ if TYPE_CHECKING:
     from lightning_mtl.nn.base import MultiTaskArchitecture
 
 __all__ = ["MultiTaskModule", "NonFinitePolicy"]
+
+
+class _PartLosses(NamedTuple):
+    """The losses of a batch split into ``k`` disjoint parts (independent gradient samples: MoDo, SDMGrad)."""
+
+    whole: (
+        Tensor  # [T], attached: the parts' size-weighted mean (partial labels: every labelled sample's mean)
+    )
+    losses: list[Tensor]  # each part's [T], attached (partial labels: the part's labelled mean)
+    sizes: list[int]
+    outputs: list[Any]  # each part's metric outputs
+    counts: Tensor | None  # partial labels: each part's labelled counts averaged over ranks [k, T]
+    global_losses: Tensor  # [T], detached, identical on every rank
+    mean_counts: Tensor | None  # partial labels: the whole batch's labelled counts averaged over ranks [T]
 
 
 class MultiTaskModule(pl.LightningModule):
@@ -266,16 +280,23 @@ class MultiTaskModule(pl.LightningModule):
         part_losses: list[Tensor] | None = None
         sizes: list[int] | None = None
         counts: Tensor | None = None
+        part_counts: Tensor | None = None
+        global_losses: Tensor | None = None
+        mean_counts: Tensor | None = None
         if strategy.batch_parts > 1:  # independent gradient samples (MoDo, SDMGrad)
-            stacked, part_losses, sizes, outputs_list = self._part_losses(strategy, batch, batch_idx)
+            parts = self._part_losses(strategy, batch, batch_idx)
+            stacked, part_losses, sizes, outputs_list = parts.whole, parts.losses, parts.sizes, parts.outputs
+            part_counts, global_losses, mean_counts = parts.counts, parts.global_losses, parts.mean_counts
         else:
             stacked, outputs, counts = self._training_losses(batch, batch_idx)
             outputs_list = [outputs]
+            if counts is None:
+                global_losses = reduce_mean(trainer, stacked.detach())
+            else:  # partial labels: exact over ranks (lightning_mtl.partial)
+                stacked, global_losses, mean_counts = combine_over_ranks(trainer, stacked, counts)
+        assert global_losses is not None
         present: list[bool] | None = None
-        if counts is None:
-            global_losses = reduce_mean(trainer, stacked.detach())
-        else:  # partial labels: exact over ranks (lightning_mtl.partial)
-            stacked, global_losses, mean_counts = combine_over_ranks(trainer, stacked, counts)
+        if mean_counts is not None:
             self._labelled = mean_counts * trainer.world_size
             present = self._present_tasks(strategy, mean_counts, batch_idx)
         detached = stacked.detach()
@@ -293,6 +314,7 @@ class MultiTaskModule(pl.LightningModule):
                 part_losses,
                 sizes,
                 present,
+                part_counts,
             )
             # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
             if self.task_metrics is not None:
@@ -317,11 +339,8 @@ class MultiTaskModule(pl.LightningModule):
             self._post_step_input = None
         self._log_training(strategy, global_losses, first)
 
-    def _part_losses(
-        self, strategy: MTLStrategy, batch: Any, batch_idx: int
-    ) -> tuple[Tensor, list[Tensor], list[int], list[Any]]:
-        """``task_losses`` on each of the strategy's ``batch_parts`` disjoint parts of ``batch``: the parts'
-        size-weighted mean losses ``[T]``, each part's losses, the part sizes and each part's metric outputs."""
+    def _part_losses(self, strategy: MTLStrategy, batch: Any, batch_idx: int) -> _PartLosses:
+        """``task_losses`` on each of the strategy's ``batch_parts`` disjoint parts of ``batch``."""
         k = strategy.batch_parts
         try:
             pieces = split_batch(batch, k)
@@ -331,20 +350,28 @@ class MultiTaskModule(pl.LightningModule):
                 f"each training batch, and this batch cannot be split: {err}"
             ) from err
         sizes = part_sizes(batch, k)
-        part_losses, outputs_list = [], []
+        part_losses, part_counts, outputs_list = [], [], []
         for piece in pieces:
             self._shared_representation = None
             losses, outputs, counts = self._training_losses(piece, batch_idx)
-            if counts is not None:
-                raise ValueError(
-                    f"{type(strategy).__name__} takes independent gradient samples from parts of the batch, which "
-                    "does not support partial labels yet (partial tasks or masked_mean losses): use another strategy."
-                )
             part_losses.append(losses)
+            part_counts.append(counts)
             outputs_list.append(outputs)
-        n = sum(sizes)
-        stacked = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
-        return stacked, part_losses, sizes, outputs_list
+        if all(c is None for c in part_counts):
+            n = sum(sizes)
+            whole = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
+            global_losses = reduce_mean(self.trainer, whole.detach())
+            return _PartLosses(whole, part_losses, sizes, outputs_list, None, global_losses, None)
+        # partial labels: every part's labelled mean, exact over ranks (a part returning plain means counts 1)
+        counts = torch.stack(
+            [torch.ones_like(L) if c is None else c.to(L) for L, c in zip(part_losses, part_counts)]
+        )
+        parts, whole, global_losses, mean_counts, mean_part_counts = combine_parts_over_ranks(
+            self.trainer, torch.stack(part_losses), counts
+        )
+        return _PartLosses(
+            whole, list(parts.unbind(0)), sizes, outputs_list, mean_part_counts, global_losses, mean_counts
+        )
 
     def _training_losses(self, batch: Any, batch_idx: int) -> tuple[Tensor, Any, Tensor | None]:
         """``task_losses`` in training, with the architecture's representation marker installed: the stacked

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lightning_mtl.step import reduce_mean
 
-__all__ = ["MaskedMean", "combine_over_ranks", "masked_mean", "unpack_partial"]
+__all__ = ["MaskedMean", "combine_over_ranks", "combine_parts_over_ranks", "masked_mean", "unpack_partial"]
 
 
 class MaskedMean:
@@ -132,3 +132,24 @@ def combine_over_ranks(trainer: Any, totals: Tensor, counts: Tensor) -> tuple[Te
     safe = torch.where(mean_counts > 0, mean_counts, torch.ones_like(mean_counts))
     local = totals / safe.to(totals.dtype)
     return local, mean_totals / safe, mean_counts
+
+
+def combine_parts_over_ranks(
+    trainer: Any, totals: Tensor, counts: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`combine_over_ranks` for the ``k`` disjoint parts of a batch (independent gradient samples: MoDo,
+    SDMGrad), one all-reduce of ``2kT`` values. ``totals`` ``[k, T]`` (attached) and ``counts`` ``[k, T]`` are
+    each part's labelled totals and counts on this rank. Returns each part's share ``total_{p,r} / C̄_p``
+    ``[k, T]`` (attached; its rank mean is the part's labelled mean over the union of the ranks' part ``p``),
+    the whole batch's share ``Σ_p total_{p,r} / Σ_p C̄_p`` ``[T]`` (attached; its rank mean is the mean over
+    every labelled sample of the global batch), the global losses ``[T]`` (detached), the whole batch's mean
+    counts ``[T]`` and each part's mean counts ``[k, T]``."""
+    k, T = totals.shape
+    both = reduce_mean(trainer, torch.cat([totals.detach().float().reshape(-1), counts.float().reshape(-1)]))
+    mean_totals, part_counts = both[: k * T].reshape(k, T), both[k * T :].reshape(k, T)
+    whole_counts = part_counts.sum(0)
+    part_safe = torch.where(part_counts > 0, part_counts, torch.ones_like(part_counts))
+    whole_safe = torch.where(whole_counts > 0, whole_counts, torch.ones_like(whole_counts))
+    parts = totals / part_safe.to(totals.dtype)
+    whole = totals.sum(0) / whole_safe.to(totals.dtype)
+    return parts, whole, mean_totals.sum(0) / whole_safe, whole_counts, part_counts

@@ -64,8 +64,11 @@ class StepContext:
         batch_idx: the batch index Lightning passed to ``training_step``.
         part_losses: for strategies with ``batch_parts = k > 1`` (MoDo, SDMGrad): the losses ``[T]`` of each of
             the ``k`` disjoint parts of the batch (:func:`~lightning_mtl.batch_parts.split_batch`), attached to
-            the graph; ``losses`` is then their mean weighted by :attr:`part_sizes`. ``None`` otherwise.
+            the graph; ``losses`` is then their mean weighted by :attr:`part_sizes` (with partial labels: each
+            part's labelled mean, and ``losses`` the mean over every labelled sample). ``None`` otherwise.
         part_sizes: the number of samples of each part (``None`` without parts).
+        part_counts: with batch parts and partial labels, each part's labelled counts averaged over ranks
+            ``[k, T]`` (a task whose count is 0 in a part has no gradient sample there); ``None`` otherwise.
         present: with partial labels, which tasks are labelled on some rank this step (``[T]`` bools, identical
             on every rank); ``None`` when every task is. An absent task's loss is 0 with no gradient: the strategy
             gives it weight 0 and leaves its state for that task untouched.
@@ -83,6 +86,7 @@ class StepContext:
         part_losses: list[Tensor] | None = None,
         part_sizes: list[int] | None = None,
         present: list[bool] | None = None,
+        part_counts: Tensor | None = None,
     ) -> None:
         self.module = module
         self.losses = losses
@@ -94,6 +98,7 @@ class StepContext:
         self.part_losses = part_losses
         self.part_sizes = part_sizes
         self.present = present
+        self.part_counts = part_counts
 
     @property
     def present_indices(self) -> list[int]:

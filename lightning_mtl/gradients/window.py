@@ -134,7 +134,10 @@ class TaskGradients:
         self._params: list[nn.Parameter] | None = None
         self._J: Tensor | None = None
         self._part_sum: Tensor | None = None  # Σ over micro-batches of the parts' Jacobians [k, T, P]
-        self._part_fractions: Tensor | None = None  # the parts' shares of the batch [k]
+        self._part_fractions: Tensor | None = None  # each part's share of each task's samples [k, T]
+        self._part_counts: Tensor | None = (
+            None  # partial labels: the window's labelled counts per part [k, T]
+        )
         self._parts_J: Tensor | None = None
         self._lean = False  # this window uses the lean engine (decided at its first micro-batch)
         self._G: Tensor | None = None  # the lean window's Gramian
@@ -235,9 +238,19 @@ class TaskGradients:
         scale = grad_scale(ctx.trainer)
         params = self.parameters(ctx.module)
         parts = torch.stack([self._engine(L, params, scale).detach() for L in ctx.part_losses])  # [k, T, P]
-        sizes = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)
+        T = parts.shape[1]
+        if ctx.part_counts is None:  # each part's share of the batch, the same for every task
+            shares = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)[:, None].expand(
+                -1, T
+            )
+        else:  # partial labels: each part's share of the task's labelled samples (summed over the window)
+            shares = ctx.part_counts.to(device=parts.device, dtype=parts.dtype)
+            if self._part_counts is not None:
+                shares = shares + self._part_counts
+            self._part_counts = shares
         self._part_sum = parts if self._part_sum is None else self._part_sum + parts
-        self._part_fractions = sizes / sizes.sum()
+        total = shares.sum(0)
+        self._part_fractions = shares / torch.where(total > 0, total, torch.ones_like(total))
 
     def part_jacobians(self, ctx: StepContext) -> Tensor:
         """The Jacobians ``[k, T, P]`` of the ``k`` disjoint batch parts' mean losses over the window (of the
@@ -251,6 +264,12 @@ class TaskGradients:
             parts = self._part_sum / self.count
             self._parts_J = reduce_mean(ctx.trainer, parts) if self._ranks(ctx) > 1 else parts
         return self._parts_J
+
+    @property
+    def part_label_counts(self) -> Tensor | None:
+        """With batch parts and partial labels: each part's labelled counts over the window (averaged over
+        ranks) ``[k, T]``; ``None`` otherwise."""
+        return self._part_counts
 
     @property
     def representations(self) -> list[tuple[Tensor, Tensor]]:
@@ -285,7 +304,7 @@ class TaskGradients:
             self._J is None and self._part_sum is not None
         ):  # the parts' size-weighted mean: no second reduction
             assert self._part_fractions is not None
-            self._J = torch.einsum("k,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
+            self._J = torch.einsum("kt,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
         if self._J is None:
             assert self._sum is not None, "no micro-batch was added"
             J = self._sum / self.count

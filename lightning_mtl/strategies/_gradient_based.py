@@ -442,3 +442,24 @@ def _write_back(
         out[tuple(selector)] = value.to(out)
         merged[key] = out
     return merged
+
+
+def on_present_simplex(weights: Tensor) -> Tensor:
+    """A simplex state's entries narrowed to the present tasks (partial labels), rescaled onto their own simplex
+    (uniform when they held none of it): what a method whose state ``λ ∈ Δ`` steps on (MoCo, MoDo, SDMGrad)."""
+    share = float(weights.sum())
+    return weights / share if share > 0 else torch.full_like(weights, 1.0 / weights.numel())
+
+
+def merge_simplex(before: Tensor | None, new: Tensor, present: list[int], num_tasks: int) -> Tensor:
+    """A full simplex state after a step on the present tasks: their new entries (on their own simplex) scaled
+    by the share of the full simplex they held ``before`` (uniform ``1/T`` when ``None``: no state yet), so that
+    the state still sums to 1 and the absent tasks' entries stay as they were. float64, on the CPU."""
+    old = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+    if before is not None:
+        old = before.detach().to(device="cpu", dtype=torch.float64)
+    index = torch.tensor(present, dtype=torch.long)
+    out = old.clone()
+    # (present tasks with no share keep none: the absent tasks hold all of it)
+    out[index] = new.detach().to(device="cpu", dtype=torch.float64) * float(old[index].sum())
+    return out

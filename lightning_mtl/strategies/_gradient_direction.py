@@ -11,16 +11,24 @@ the shared parameters receive the direction ``d``, the task-specific ones ``Σ h
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_mtl.gradients import JacobianMethod, SyncMode, nan_weights
 from lightning_mtl.step import StepContext, reduce_mean
-from lightning_mtl.strategies._gradient_based import GradientWeighting, _window_presence
+from lightning_mtl.strategies._gradient_based import (
+    GradientWeighting,
+    _window_presence,
+    merge_simplex,
+    on_present_simplex,
+)
+from lightning_mtl.task_state import take_tasks
 
-__all__ = ["Direction", "GradientDirection"]
+__all__ = ["Direction", "GradientDirection", "SimplexStateDirection"]
 
 
 class Direction(NamedTuple):
@@ -73,6 +81,7 @@ class GradientDirection(GradientWeighting):
         self, *, sync: SyncMode = "exact", jacobian: JacobianMethod = "auto", seed: int | None = None
     ) -> None:
         super().__init__(mode="parameters", update_every=1, sync=sync, jacobian=jacobian, seed=seed)
+        self._warned_missing_parts = False
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
         """The step's :class:`Direction` from the Jacobian ``[T, P]`` of the global batch (``[k, T, P]``: one per
@@ -92,7 +101,7 @@ class GradientDirection(GradientWeighting):
         self._window_present = _window_presence(self._window_present, ctx.present, ctx.is_window_start)
         if not ctx.is_sync_step:
             return
-        J = gradients.part_jacobians(ctx) if self.batch_parts > 1 else gradients.jacobian(ctx)
+        J = self._part_jacobians(ctx) if self.batch_parts > 1 else gradients.jacobian(ctx)
         if gradients.check_finite(ctx, J):
             direction = self._direction(ctx, J, gradients.losses)
         else:  # AMP overflow: the GradScaler skips this step; the state stays as it was
@@ -104,6 +113,32 @@ class GradientDirection(GradientWeighting):
             )
         gradients.backward_direction(ctx, direction.shared, direction.heads)
         self._clip_pending = True
+
+    def _part_jacobians(self, ctx: StepContext) -> Tensor:
+        """The parts' Jacobians ``[k, T, P]``. With partial labels, a task labelled in some parts of the window but
+        not in others has no gradient sample in those: its rows there are its gradient over all its labelled
+        samples (the whole window's row), so that its labels still reach the shared update. For such a task the
+        parts are then not independent samples; this is warned about once."""
+        gradients = self._gradients
+        J = gradients.part_jacobians(ctx)
+        counts = gradients.part_label_counts
+        if counts is None:
+            return J
+        missing = (counts <= 0) & (counts.sum(0) > 0)  # [k, T]: labelled in the window, not in this part
+        if not bool(missing.any()):
+            return J
+        if not self._warned_missing_parts:
+            self._warned_missing_parts = True
+            tasks = [self.task_names[i] for i in missing.any(0).nonzero().flatten().tolist()]
+            rank_zero_warn(
+                f"{type(self).__name__}: task(s) {tasks} had no labelled sample in some of the {self.batch_parts} "
+                f"parts of batch {ctx.batch_idx} (partial labels). Their rows in those parts are their gradient over "
+                "all their labelled samples of the batch, so the independent-sample estimate does not hold for "
+                "them in such steps. Larger batches or denser labels avoid it (warned once).",
+                category=RuntimeWarning,
+            )
+        whole = gradients.jacobian(ctx)  # each task's rows weighted by its labelled counts per part
+        return torch.where(missing.to(J.device)[..., None], whole.unsqueeze(0), J)
 
     def _direction(self, ctx: StepContext, J: Tensor, losses: Tensor) -> Direction:
         present, self._window_present = self._window_present, None
@@ -138,3 +173,55 @@ class GradientDirection(GradientWeighting):
         out = values.new_zeros(self.num_tasks)
         out[index.to(out.device)] = values
         return out
+
+
+class SimplexStateDirection(GradientDirection):
+    """Base of the direction methods whose only state is one point of the simplex ``[T]`` carried across steps
+    (MoDo's ``λ``, SDMGrad's inner ``w``), named :attr:`simplex_key` in the checkpoint.
+
+    Partial labels: a step with absent tasks moves the present tasks' entries on their own simplex (narrowed and
+    rescaled to sum to 1), then writes them back scaled by the share of the full simplex they held, so the state
+    still sums to 1 and the absent tasks' entries stay as they were (uniform ``1/T`` before the first step).
+    """
+
+    supports_absent_tasks = True
+    #: the state's name in :meth:`method_state`
+    simplex_key = "simplex"
+
+    def __init__(self, *, sync: SyncMode = "exact", jacobian: JacobianMethod = "auto") -> None:
+        super().__init__(sync=sync, jacobian=jacobian)
+        self._simplex: Tensor | None = None
+
+    def method_config(self) -> dict[str, Any]:
+        """None: the state is a point of the simplex whatever the hyper-parameters (they change how it moves)."""
+        return {}
+
+    def method_state(self) -> dict[str, Any]:
+        return {self.simplex_key: None if self._simplex is None else self._simplex.detach().cpu().clone()}
+
+    def load_method_state(self, state: Mapping[str, Any], order: Sequence[int] | None = None) -> None:
+        """Restore the state; ``order[i]`` is the saved index of task ``i`` (``None``: same order)."""
+        value = state.get(self.simplex_key)
+        if value is not None:
+            value = value.detach().to(torch.float64)
+            value = value.clone() if order is None else take_tasks(value, order).clone()
+            if self.present_index is not None:  # partial labels: the present tasks' entries on their simplex
+                value = on_present_simplex(value)
+        self._simplex = value
+
+    def method_task_dims(self) -> dict[str, tuple[int, ...]]:
+        return {self.simplex_key: (0,)}
+
+    def method_absent_fill(self) -> dict[str, float]:
+        return {self.simplex_key: 1.0 / self.num_tasks}
+
+    def merge_present_state(
+        self, full: Mapping[str, Any], narrowed: Mapping[str, Any], present: list[int]
+    ) -> dict[str, Any]:
+        merged = super().merge_present_state(full, narrowed, present)
+        new = narrowed.get(self.simplex_key)
+        if isinstance(new, Tensor):
+            old = full.get(self.simplex_key)
+            before = old if isinstance(old, Tensor) else None
+            merged[self.simplex_key] = merge_simplex(before, new, present, self.num_tasks)
+        return merged

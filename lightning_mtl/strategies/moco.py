@@ -16,6 +16,7 @@ from lightning_mtl.functional.moco import (
     moco_step,
 )
 from lightning_mtl.gradients import JacobianMethod, SyncMode
+from lightning_mtl.strategies._gradient_based import merge_simplex, on_present_simplex
 from lightning_mtl.strategies._gradient_direction import Direction, GradientDirection
 from lightning_mtl.task_state import take_tasks
 
@@ -168,8 +169,7 @@ class MoCo(GradientDirection):
         if order is not None:
             tracked, lambdas = take_tasks(tracked, order), take_tasks(lambdas, order)
         if self.present_index is not None:  # partial labels: the present tasks' λ on their own simplex
-            share = float(lambdas.sum())
-            lambdas = lambdas / share if share > 0 else torch.full_like(lambdas, 1.0 / lambdas.numel())
+            lambdas = on_present_simplex(lambdas)
         self._state = MoCoState(tracked, lambdas, int(step))
 
     def method_task_dims(self) -> dict[str, tuple[int, ...]]:
@@ -190,15 +190,9 @@ class MoCo(GradientDirection):
         new = narrowed.get("lambdas")
         if isinstance(new, Tensor):
             old = full.get("lambdas")
-            before = torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
-            if isinstance(old, Tensor):
-                before = old.detach().to(device="cpu", dtype=torch.float64)
-            index = torch.tensor(present, dtype=torch.long)
-            share = float(before[index].sum())
-            out = before.clone()
-            # (present tasks with no share keep none: the absent tasks hold all of it)
-            out[index] = new.detach().to(device="cpu", dtype=torch.float64) * share
-            merged["lambdas"] = out
+            merged["lambdas"] = merge_simplex(
+                old if isinstance(old, Tensor) else None, new, present, self.num_tasks
+            )
         return merged
 
     def task_state(self) -> dict[str, Any]:

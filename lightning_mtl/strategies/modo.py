@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_mtl.functional.modo import modo_direction
 from lightning_mtl.strategies._gradient_based import JacobianMethod, SyncMode
-from lightning_mtl.strategies._gradient_direction import Direction, GradientDirection
-from lightning_mtl.task_state import take_tasks
+from lightning_mtl.strategies._gradient_direction import Direction, SimplexStateDirection
 
 
-class MoDo(GradientDirection):
+class MoDo(SimplexStateDirection):
     """MoDo: Lisha Chen, Heshan Fernando, Yiming Ying & Tianyi Chen, "Three-Way Trade-Off in Multi-Objective
     Learning: Optimization, Generalization and Conflict-Avoidance", NeurIPS 2023 (arXiv:2305.20057; JMLR 2024).
 
@@ -63,6 +60,7 @@ class MoDo(GradientDirection):
     """
 
     batch_parts = 3
+    simplex_key = "lambda"
 
     def __init__(
         self,
@@ -81,29 +79,13 @@ class MoDo(GradientDirection):
         super().__init__(sync=sync, jacobian=jacobian)
         self.gamma = float(gamma)
         self.rho = float(rho)
-        self._lambda: Tensor | None = None
 
     @property
     def lambdas(self) -> Tensor | None:
         """The current ``λ`` ``[T]`` (float64, on the simplex), ``None`` before the first step."""
-        return self._lambda
+        return self._simplex
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
-        d, lam = modo_direction(jacobian, self._lambda, gamma=self.gamma, rho=self.rho)
-        self._lambda = lam
+        d, lam = modo_direction(jacobian, self._simplex, gamma=self.gamma, rho=self.rho)
+        self._simplex = lam
         return Direction(d, lam, torch.ones(lam.shape, device=lam.device))
-
-    def method_config(self) -> dict[str, Any]:
-        """None: ``λ`` is a point of the simplex whatever ``gamma`` and ``rho`` (they change how it moves)."""
-        return {}
-
-    def method_state(self) -> dict[str, Any]:
-        return {"lambda": None if self._lambda is None else self._lambda.detach().cpu().clone()}
-
-    def load_method_state(self, state: Mapping[str, Any], order: Sequence[int] | None = None) -> None:
-        """Restore ``λ``; ``order[i]`` is the saved index of task ``i`` (``None``: same order)."""
-        lam = state.get("lambda")
-        if lam is not None:
-            lam = lam.detach().to(torch.float64)
-            lam = lam.clone() if order is None else take_tasks(lam, order).clone()
-        self._lambda = lam

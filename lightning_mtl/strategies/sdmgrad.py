@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from lightning_mtl.functional.sdmgrad import _check_lam, _check_solver, sdmgrad_direction
 from lightning_mtl.strategies._gradient_based import JacobianMethod, SyncMode
-from lightning_mtl.strategies._gradient_direction import Direction, GradientDirection
-from lightning_mtl.task_state import take_tasks
+from lightning_mtl.strategies._gradient_direction import Direction, SimplexStateDirection
 
 
-class SDMGrad(GradientDirection):
+class SDMGrad(SimplexStateDirection):
     """SDMGrad: Peiyao Xiao, Hao Ban & Kaiyi Ji, "Direction-oriented Multi-objective Learning: Simple and
     Provable Stochastic Algorithms", NeurIPS 2023 (arXiv:2305.18409).
 
@@ -70,6 +66,7 @@ class SDMGrad(GradientDirection):
     """
 
     batch_parts = 3
+    simplex_key = "w"
 
     def __init__(
         self,
@@ -88,32 +85,16 @@ class SDMGrad(GradientDirection):
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.n_iter = n_iter
-        self._w: Tensor | None = None
 
     @property
     def inner_weights(self) -> Tensor | None:
         """The current ``w`` ``[T]`` of the inner problem (float64, on the simplex), ``None`` before the first
         step."""
-        return self._w
+        return self._simplex
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
         d, w, c = sdmgrad_direction(
-            jacobian, self._w, lam=self.lam, lr=self.lr, momentum=self.momentum, n_iter=self.n_iter
+            jacobian, self._simplex, lam=self.lam, lr=self.lr, momentum=self.momentum, n_iter=self.n_iter
         )
-        self._w = w
+        self._simplex = w
         return Direction(d, c, torch.ones(c.shape, device=c.device))
-
-    def method_config(self) -> dict[str, Any]:
-        """None: ``w`` is a warm start on the simplex whatever the hyper-parameters."""
-        return {}
-
-    def method_state(self) -> dict[str, Any]:
-        return {"w": None if self._w is None else self._w.detach().cpu().clone()}
-
-    def load_method_state(self, state: Mapping[str, Any], order: Sequence[int] | None = None) -> None:
-        """Restore ``w``; ``order[i]`` is the saved index of task ``i`` (``None``: same order)."""
-        w = state.get("w")
-        if w is not None:
-            w = w.detach().to(torch.float64)
-            w = w.clone() if order is None else take_tasks(w, order).clone()
-        self._w = w

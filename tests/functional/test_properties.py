@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from gradient_method_cases import DETERMINISTIC, METHODS, WEIGHTED, Method
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -92,7 +92,12 @@ def test_update_is_the_combination_given_by_the_weights(method: Method, J: Tenso
 def test_permutation_equivariance(method: Method, J: Tensor, data: st.DataObject) -> None:
     perm = torch.tensor(data.draw(st.permutations(range(J.shape[0]))))
     G = J @ J.T
-    weights, permuted = method.weights(G), method.weights(G[perm][:, perm])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        weights, permuted = method.weights(G), method.weights(G[perm][:, perm])
+    # FairGrad's equation has no solution when 0 is in the gradients' cone (it warns and returns
+    # the solver's last iterate, which depends on the order): equivariance is only defined otherwise
+    assume(not any("no solution" in str(w.message) for w in caught))
     update, permuted_update = J.T @ weights, J[perm].T @ permuted
     size = weights.abs() @ J.norm(dim=1)  # magnitude of the terms of Jᵀw, whatever their cancellation
     assert (permuted_update - update).norm() <= 1e-6 * size

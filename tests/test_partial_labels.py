@@ -122,6 +122,13 @@ def test_nash_state_of_an_absent_task_is_untouched():
     assert strategy._alpha is None or strategy._alpha.numel() == 3
 
 
+def test_every_built_in_strategy_handles_absent_tasks():
+    from lightning_mtl.cli.registry import available_strategies
+
+    assert len(available_strategies()) >= 30
+    assert sorted(n for n, cls in available_strategies().items() if not cls.supports_absent_tasks) == []
+
+
 class NoAbsentTasks(EqualWeighting):
     supports_absent_tasks = False
 

@@ -131,8 +131,9 @@ class _BatchKPI:
         self._owner = None
         self._probes, self._pairs = [], []
 
-    def read(self, module: pl.LightningModule) -> Tensor:
-        """The KPIs ``[T]`` (float64) of the batch whose update happened since :meth:`snapshot`.
+    def read(self, module: pl.LightningModule, present: Sequence[bool] | None = None) -> Tensor:
+        """The KPIs ``[T]`` (float64) of the batch whose update happened since :meth:`snapshot`; NaN for a task
+        that ``present`` marks absent (partial labels: no labelled sample on any rank, so no metric update).
 
         (A collection member that shares its state with others, torchmetrics' compute groups, holds references
         to the group's states again after every ``MetricCollection.update``, so its states are the batch's.)
@@ -163,7 +164,9 @@ class _BatchKPI:
                 # torchmetrics gathers them at compute (forced on, whatever the metric's sync_on_compute)
                 target._to_sync = has_list
         self._all_reduce(module, summed)
-        values = [probe.compute() for probe in self._probes]
+        values = [
+            probe.compute() if present is None or present[i] else None for i, probe in enumerate(self._probes)
+        ]
         self._before = None
         return self._as_vector(values)
 
@@ -186,6 +189,9 @@ class _BatchKPI:
     def _as_vector(self, values: list[Any]) -> Tensor:
         out = []
         for task, name, value in zip(self.tasks, self.metric_names, values):
+            if value is None:  # an absent task
+                out.append(torch.tensor(math.nan, dtype=torch.float64))
+                continue
             if not isinstance(value, Tensor) or value.numel() != 1:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(
@@ -193,7 +199,8 @@ class _BatchKPI:
                     "the metric to return a scalar (e.g. average='micro' or 'macro')."
                 )
             out.append(value.detach().reshape(()).double())
-        return torch.stack([v.to(out[0].device) for v in out])
+        device = next((v.device for v in values if isinstance(v, Tensor)), out[0].device)
+        return torch.stack([v.to(device) for v in out])
 
 
 class DTP(LossWeighting):
@@ -234,6 +241,10 @@ class DTP(LossWeighting):
     - Under gradient accumulation the average and the weights are updated per micro-batch (as the other loss
       strategies). The averages ``κ̄`` and the step count are saved in checkpoints by task name, with the KPI
       metric names (resuming with another KPI is an error); ``alpha``, ``gamma``, ``eps`` may change on resume.
+    - Partial labels (``Task(partial=True)``): a task labelled on no rank in a step has weight 0, its KPI is not
+      read and its average stays as it was (the other tasks' weights do not change: DTP does not normalise).
+      A task labelled on some samples takes the KPI of its labelled samples: return its metric outputs for
+      those samples only.
     - Only the paper's *task-level* prioritisation is implemented. Its *example-level* prioritisation (focal
       losses inside each task's loss, focusing parameter ``γ₀``) belongs to the user's ``task_losses``, e.g.
       ``torchvision.ops.sigmoid_focal_loss`` for a classification task.
@@ -256,6 +267,8 @@ class DTP(LossWeighting):
         eps: ``ε ∈ (0, 0.5)``: each ``κ̄`` is clamped into ``[ε, 1 − ε]`` before the focal weight, which bounds
             the weights by ``−(1 − ε)^γ log ε`` (6.9 for ε = 1e-3).
     """
+
+    supports_absent_tasks = True
 
     def __init__(
         self,
@@ -323,18 +336,24 @@ class DTP(LossWeighting):
     def backward(self, ctx: StepContext) -> None:
         if self._reader is None:
             raise RuntimeError("DTP is not attached to a MultiTaskModule yet.")
-        kpi = self._checked(self._reader.read(ctx.module))
-        weights = self.step_weights(kpi).to(device=ctx.losses.device, dtype=ctx.losses.dtype)
+        kpi = self._checked(self._reader.read(ctx.module, ctx.present), ctx.present)
+        weights = self.step_weights(kpi, ctx.present).to(device=ctx.losses.device, dtype=ctx.losses.dtype)
         ctx.backward((weights * ctx.losses).sum())
         self._weights = weights
 
-    def step_weights(self, kpi: Tensor) -> Tensor:
+    def step_weights(self, kpi: Tensor, present: Sequence[bool] | None = None) -> Tensor:
         """This step's weights ``[T]`` (float64) from the current averages, then fold ``kpi`` ``[T]`` (this step's
-        KPIs in ``[0, 1]``; NaN: undefined on this batch) into the averages."""
+        KPIs in ``[0, 1]``; NaN: undefined on this batch) into the averages. ``present`` (partial labels: which
+        tasks this step labels; ``None``: all): an absent task's weight is 0 and its average stays as it was."""
         if self._gamma is None:
             raise RuntimeError("DTP is not attached to a MultiTaskModule yet.")
         weights = dtp_weights(self._kpi_ema, self._gamma, self.eps, size=self.num_tasks)
-        self._kpi_ema = dtp_ema(self._kpi_ema, kpi.double(), self.alpha)
+        kpi = kpi.double()
+        if present is not None:
+            mask = torch.tensor(list(present), dtype=torch.bool, device=kpi.device)
+            kpi = torch.where(mask, kpi, torch.full_like(kpi, math.nan))  # NaN: the average is left unchanged
+            weights = weights * mask.to(weights.device, weights.dtype)
+        self._kpi_ema = dtp_ema(self._kpi_ema, kpi, self.alpha)
         self._count += 1
         return weights
 
@@ -343,10 +362,12 @@ class DTP(LossWeighting):
             "DTP weights come from the tasks' KPIs, not from the losses: see step_weights."
         )
 
-    def _checked(self, kpi: Tensor) -> Tensor:
+    def _checked(self, kpi: Tensor, present: Sequence[bool] | None = None) -> Tensor:
         values = kpi.tolist()  # one host synchronisation for all tasks
-        for task, value in zip(self.task_names, values):
+        for i, (task, value) in enumerate(zip(self.task_names, values)):
             name = self._kpi_names[task]
+            if present is not None and not present[i]:
+                continue  # absent this step (partial labels): its KPI is not read
             if math.isnan(value):
                 if task not in self._warned_nan:
                     self._warned_nan.add(task)

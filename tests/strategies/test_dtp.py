@@ -93,11 +93,11 @@ class FixedKPINet(MultiTaskModule):
     """One scalar θ, losses (θ − 0)² and 2(θ − 3)² (as helpers.ScalarNet), and fixed predictions: task t0 is
     right on 3 of 4 examples (accuracy 0.75), task t1 on 1 of 4 (accuracy 0.25), on every batch."""
 
-    def __init__(self, lr: float = 0.1) -> None:
+    def __init__(self, lr: float = 0.1, t1_partial: bool = False) -> None:
         super().__init__(
             tasks=[
                 Task("t0", metrics={"acc": BinaryAccuracy()}),
-                Task("t1", metrics={"acc": BinaryAccuracy()}),
+                Task("t1", metrics={"acc": BinaryAccuracy()}, partial=t1_partial),
             ]
         )
         self.theta = nn.Parameter(torch.tensor(1.0))
@@ -214,6 +214,83 @@ def test_hand_computed_update_in_a_fit():
     assert net.theta.item() == pytest.approx(theta1 - 0.1 * grad, abs=1e-6)
     assert list(strategy.weights.values()) == pytest.approx(w.tolist(), abs=1e-6)
     assert strategy.kpi_average == pytest.approx({"t0": 0.75, "t1": 0.25})
+
+
+# ------------------------------------------------------------------------------------------ partial labels
+class PartialKPINet(FixedKPINet):
+    """FixedKPINet with t1 partial: absent (no loss, no metric output) at the batches ``absent``."""
+
+    def __init__(self, absent=(1,), lr: float = 0.1) -> None:
+        super().__init__(lr=lr, t1_partial=True)
+        self.absent = set(absent)
+
+    def task_losses(self, batch, batch_idx):
+        losses, outputs = super().task_losses(batch, batch_idx)
+        if batch_idx in self.absent:
+            del losses["t1"], outputs["t1"]
+        return losses, outputs
+
+
+def test_an_absent_task_has_weight_zero_and_keeps_its_average():
+    # θ₀ = 1, α = 0.5, γ = 2. Step 1 (both labelled): weights 1, θ₁ = 1.6, κ̄ = (0.75, 0.25).
+    # Step 2 (t1 absent): t0's weight FL(0.75) as before (no renormalisation), t1's 0 and κ̄_t1 unchanged:
+    # θ₂ = θ₁ − 0.1·FL(0.75)·2θ₁. Step 3 (t1 back): weights (FL(0.75), FL(0.25)).
+    net, strategy, record = PartialKPINet(absent=(1,)), DTP(alpha=0.5, gamma=2.0), KPIRecorder()
+    weights = []
+
+    class Weights(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights.append(dict(pl_module.strategy.weights))
+
+    trainer(max_steps=3, max_epochs=-1, callbacks=[strategy, record, Weights()]).fit(net, dummy_loader(3))
+    assert weights[1] == pytest.approx({"t0": fl(0.75, 2), "t1": 0.0}, abs=1e-6)
+    assert weights[2] == pytest.approx({"t0": fl(0.75, 2), "t1": fl(0.25, 2)}, abs=1e-6)
+    assert record.averages[1] == pytest.approx({"t0": 0.75, "t1": 0.25})
+    theta2 = 1.6 - 0.1 * fl(0.75, 2) * 2 * 1.6
+    grad3 = fl(0.75, 2) * 2 * theta2 + fl(0.25, 2) * 4 * (theta2 - 3)
+    assert net.theta.item() == pytest.approx(theta2 - 0.1 * grad3, abs=1e-6)
+
+
+def test_a_task_absent_at_the_first_step_starts_its_average_when_it_comes():
+    # t1 absent at step 1: its average is undefined (NaN) until step 2, where it has weight 1 (no average yet)
+    net, strategy, record = PartialKPINet(absent=(0,)), DTP(alpha=0.5, gamma=2.0), KPIRecorder()
+    trainer(max_steps=2, max_epochs=-1, callbacks=[strategy, record]).fit(net, dummy_loader(2))
+    assert record.averages[0]["t0"] == 0.75 and math.isnan(record.averages[0]["t1"])
+    assert record.averages[1] == pytest.approx({"t0": 0.75, "t1": 0.25})
+    assert strategy.weights == pytest.approx({"t0": fl(0.75, 2), "t1": 1.0})
+
+
+class MaskedKPINet(KPINet):
+    """KPINet with task b labelled on the samples with ``x[:, 1] > 0`` only: its loss is their masked mean and
+    its metric outputs are theirs; ``labelled_kpi`` records b's hand-computed accuracy on them."""
+
+    def __init__(self, **kwargs) -> None:
+        tasks = kpi_tasks(partial=True)
+        super().__init__(tasks=tasks, **kwargs)
+        self.labelled_kpi: list[float] = []
+
+    def task_losses(self, batch, batch_idx):
+        from lightning_mtl import masked_mean
+
+        x, y = batch
+        z = self.encoder(x)
+        ya = (y[:, 0] > 0).long()
+        yb = torch.bucketize(y[:, 1].contiguous(), torch.tensor([-1.5, 1.5]))
+        pa, pb = self.heads["a"](z).squeeze(1), self.heads["b"](z)
+        mask = x[:, 1] > 0
+        self.labelled_kpi.append(float((pb[mask].argmax(1) == yb[mask]).float().mean()))
+        losses = {
+            "a": nn.functional.binary_cross_entropy_with_logits(pa, ya.float()),
+            "b": masked_mean(nn.functional.cross_entropy(pb, yb, reduction="none"), mask),
+        }
+        return losses, {"a": (pa.detach().sigmoid(), ya), "b": (pb.detach()[mask], yb[mask])}
+
+
+def test_a_partially_labelled_task_takes_the_kpi_of_its_labelled_samples():
+    net, record = MaskedKPINet(), KPIRecorder()
+    trainer(max_steps=1, callbacks=[DTP(alpha=1.0), record]).fit(net, loader(make_data(n=16), 16))
+    assert record.averages[0]["b"] == pytest.approx(net.labelled_kpi[0], abs=1e-7)
+    assert 0 < net.labelled_kpi[0] < 1
 
 
 # ------------------------------------------------------------------------------------------ invariants

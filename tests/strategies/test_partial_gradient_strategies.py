@@ -1,5 +1,6 @@
 """Partial labels (issue 9, section 1) for the gradient strategies with per-task state or their own step:
-GradNorm, GradVac, ExcessMTL, IMTL, GradDrop, MoCo and DBMTL.
+GradNorm, GradVac, ExcessMTL, IMTL, GradDrop, MoCo, DBMTL, MoDo and SDMGrad (batch parts:
+``test_partial_batch_parts.py``).
 
 For each: an absent task's weight is 0 and its state (and its entries of a private optimizer's state) is
 bit-for-bit untouched across a step where it is absent; a task absent from every step leaves the present
@@ -27,6 +28,8 @@ from lightning_mtl.strategies.gradnorm import GradNorm
 from lightning_mtl.strategies.gradvac import GradVac
 from lightning_mtl.strategies.imtl import IMTL
 from lightning_mtl.strategies.moco import MoCo
+from lightning_mtl.strategies.modo import MoDo
+from lightning_mtl.strategies.sdmgrad import SDMGrad
 
 C = 2  # the index of the partial task "c"
 
@@ -78,6 +81,9 @@ def _c_state(strategy: Any) -> list[Tensor]:
         return [] if strategy.tracked is None else [strategy.tracked[C].clone(), strategy.lambdas[C].clone()]
     if isinstance(strategy, DBMTL):
         return [] if strategy.ema is None else [strategy.ema[C].clone()]
+    if isinstance(strategy, (MoDo, SDMGrad)):
+        simplex = strategy.lambdas if isinstance(strategy, MoDo) else strategy.inner_weights
+        return [] if simplex is None else [simplex[C].clone()]
     if isinstance(strategy, IMTL):
         alpha = [] if strategy.alpha is None else [strategy.alpha[C].clone()]
         return [strategy.log_scales[C].clone(), *alpha, *_moments(strategy._scales.learnable, C)]
@@ -101,6 +107,10 @@ def _present_state(strategy: Any) -> list[Tensor]:
         return [strategy.tracked[:2].clone()]
     if isinstance(strategy, DBMTL):
         return [strategy.ema[:2].clone()]
+    if isinstance(strategy, MoDo):
+        return [strategy.lambdas[:2].clone()]
+    if isinstance(strategy, SDMGrad):
+        return [strategy.inner_weights[:2].clone()]
     if isinstance(strategy, IMTL):
         return [strategy.log_scales[:2].clone()]
     if isinstance(strategy, GradNorm):
@@ -117,6 +127,8 @@ STRATEGIES: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "GradDrop": (lambda: GradDrop(seed=3), {"rep": True}),
     "MoCo": (lambda: MoCo(), {}),
     "DBMTL": (lambda: DBMTL(), {}),
+    "MoDo": (lambda: MoDo(gamma=0.5), {}),
+    "SDMGrad": (lambda: SDMGrad(lam=0.3), {}),
 }
 
 
@@ -158,8 +170,10 @@ def test_a_step_without_the_task_leaves_its_state_untouched_and_its_weight_zero(
         assert float(strategy.params.detach().sum()) == pytest.approx(3.0, abs=1e-5)
     if isinstance(strategy, ExcessMTL):  # Σ w = T over all tasks
         assert float(strategy.log_weights.exp().sum()) == pytest.approx(3.0, abs=1e-9)
-    if isinstance(strategy, MoCo):  # λ stays on the simplex
+    if isinstance(strategy, (MoCo, MoDo)):  # λ stays on the simplex
         assert float(strategy.lambdas.sum()) == pytest.approx(1.0, abs=1e-12)
+    if isinstance(strategy, SDMGrad):
+        assert float(strategy.inner_weights.sum()) == pytest.approx(1.0, abs=1e-12)
 
 
 def _two_task_run(name: str, absent_net: bool, steps: int = 4) -> tuple[Tensor, dict[str, float] | None, Any]:
@@ -192,6 +206,8 @@ def test_a_task_absent_from_every_step_leaves_the_two_task_problem(name):
         assert not s3.targets[C].any() and not s3.targets[:, C].any()
     if isinstance(s3, MoCo):
         assert float(s3.lambdas[C]) == pytest.approx(1 / 3) and not s3.tracked[C].any()
+    if isinstance(s3, MoDo):  # c keeps the initial 1/3 of the simplex; a and b move within the other 2/3
+        assert float(s3.lambdas[C]) == pytest.approx(1 / 3, abs=1e-12)
     if isinstance(s3, ExcessMTL):  # S = 0, e⁰ unset, w = 1
         assert not s3.sq_grad_sum[C].any() and float(s3.baseline[C]) == 0.0
         assert float(s3.log_weights[C].exp()) == pytest.approx(1.0, abs=1e-12)
@@ -361,7 +377,7 @@ def test_moco_keeps_lambda_on_the_simplex_with_the_absent_share_untouched():
     torch.testing.assert_close(strategy.lambdas, full["lambdas"])  # nothing moved: merged back as it was
 
 
-@pytest.mark.parametrize("name", ["GradNorm", "ExcessMTL", "MoCo", "GradVac"])
+@pytest.mark.parametrize("name", ["GradNorm", "ExcessMTL", "MoCo", "GradVac", "MoDo"])
 def test_resume_with_absent_steps_matches_uninterrupted(tmp_path, name):
     # c absent at batches 0 and 2 of every epoch (so also at the very first update): stop after epoch 1,
     # resume from the checkpoint (tensors and primitives only) == the uninterrupted run

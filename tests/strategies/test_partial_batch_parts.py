@@ -45,7 +45,9 @@ def _data(n: int = 12):
 
 def _jacobian(net: TinyNet, losses: Tensor) -> Tensor:
     params = list(net.encoder.parameters())
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, params, retain_graph=True)]) for L in losses]
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, params, retain_graph=True)]) for L in losses
+    ]
     return torch.stack(rows)
 
 
@@ -58,7 +60,9 @@ def test_a_task_labelled_in_one_part_only_uses_its_labelled_gradient_in_every_pa
     reference = FirstThirdLabels(lr=lr)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     strategy = MoDo(gamma=gamma, rho=0.0)
-    with pytest.warns(RuntimeWarning, match=r"MoDo: task\(s\) \['b'\] had no labelled sample in some of the 3"):
+    with pytest.warns(
+        RuntimeWarning, match=r"MoDo: task\(s\) \['b'\] had no labelled sample in some of the 3"
+    ):
         trainer(max_steps=1, callbacks=[strategy]).fit(net, loader(_data(), 12))
     assert net.seen == [0, 4, 8]
 

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-__all__ = ["check_fit_configuration", "check_module_arguments", "stack_losses"]
+__all__ = ["check_fit_configuration", "check_module_arguments", "loss_rows", "stack_losses"]
 
 
 def check_module_arguments(
@@ -68,6 +68,14 @@ def stack_losses(
 ) -> Tensor:
     """Check ``task_losses``' output and stack it in task order: ``[T]`` float32 (on ``device``, the model's, or
     the one device every loss is on)."""
+    return torch.stack(loss_rows(losses, task_names, device, stage, training))
+
+
+def loss_rows(
+    losses: Any, task_names: Sequence[str], device: torch.device, stage: str, training: bool
+) -> list[Tensor]:
+    """:func:`stack_losses` before the stack: the checked float32 losses in task order (the tensors stacked,
+    so that each task's own graph can be back-propagated alone)."""
     if not isinstance(losses, Mapping):
         raise TypeError(
             f"task_losses must return a mapping task name -> scalar loss tensor, got {type(losses).__name__}. "
@@ -116,4 +124,4 @@ def stack_losses(
             f"{'; '.join(odd)}, but {where} on {home} (the model on {device}; during {stage}). Compute "
             "every loss on the model's device, e.g. move the target with target.to(self.device)."
         )
-    return torch.stack(values)
+    return values

@@ -24,7 +24,7 @@ from typing_extensions import override
 from lightning_mtl import _lightning
 from lightning_mtl._logging import add_tensorboard_layout
 from lightning_mtl.batch_parts import part_sizes, split_batch
-from lightning_mtl.checks import check_fit_configuration, check_module_arguments, stack_losses
+from lightning_mtl.checks import check_fit_configuration, check_module_arguments, loss_rows, stack_losses
 from lightning_mtl.evaluation import (
     EvalLosses,
     batch_size,
@@ -121,6 +121,9 @@ class MultiTaskModule(pl.LightningModule):
             TaskMetrics(self.tasks) if any(t.metrics is not None for t in self.tasks) else None
         )
         self._shared_representation: Tensor | None = None  # set by shared_representation() in training
+        self._loss_rows: list[Tensor] | None = (
+            None  # this step's checked losses before the stack (StepContext)
+        )
         # (batch, batch_idx, rank-averaged losses) of a window's last micro-batch, for on_post_step_losses
         self._post_step_input: tuple[Any, int, Tensor] | None = None
         self._sharing: Sharing | None = None  # the shared parameters found on the first step of a fit
@@ -315,6 +318,7 @@ class MultiTaskModule(pl.LightningModule):
                 sizes,
                 present,
                 part_counts,
+                None if part_losses is not None else self._loss_rows,
             )
             # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
             if self.task_metrics is not None:
@@ -330,6 +334,7 @@ class MultiTaskModule(pl.LightningModule):
             with nullcontext() if is_sync or block is None or trainer.world_size == 1 else block():
                 strategy.backward(ctx)
         self._shared_representation = None  # do not keep this step's graph alive
+        self._loss_rows = None
 
         first = batch_idx == 0 and trainer.global_step == 0  # the first step of a run
         if is_sync:
@@ -388,10 +393,12 @@ class MultiTaskModule(pl.LightningModule):
             if marks:
                 architecture.set_representation_marker(None)
         counts = None
+        self._loss_rows = None
         if self._partial or _has_masked_mean(losses):
             stacked, counts, losses = self._stack_partial(losses, "training", training=True)
         else:
-            stacked = self._stack_losses(losses, "training", training=True)
+            self._loss_rows = loss_rows(losses, self.task_names, self.device, "training", True)
+            stacked = torch.stack(self._loss_rows)
         if self._sharing is None and self.finds_shared_parameters:
             self._find_sharing(losses)
         return stacked, outputs, counts

@@ -69,6 +69,9 @@ class StepContext:
         part_sizes: the number of samples of each part (``None`` without parts).
         part_counts: with batch parts and partial labels, each part's labelled counts averaged over ranks
             ``[k, T]`` (a task whose count is 0 in a part has no gradient sample there); ``None`` otherwise.
+        loss_rows: the ``T`` scalar losses that ``losses`` stacks (``losses[i]`` is ``loss_rows[i]``), so that
+            one task's graph can be back-propagated alone (the Jacobian engine's split through the marked
+            representation); ``None`` with partial labels or batch parts.
         present: with partial labels, which tasks are labelled on some rank this step (``[T]`` bools, identical
             on every rank); ``None`` when every task is. An absent task's loss is 0 with no gradient: the strategy
             gives it weight 0 and leaves its state for that task untouched.
@@ -87,6 +90,7 @@ class StepContext:
         part_sizes: list[int] | None = None,
         present: list[bool] | None = None,
         part_counts: Tensor | None = None,
+        loss_rows: list[Tensor] | None = None,
     ) -> None:
         self.module = module
         self.losses = losses
@@ -99,6 +103,7 @@ class StepContext:
         self.part_sizes = part_sizes
         self.present = present
         self.part_counts = part_counts
+        self.loss_rows = loss_rows
 
     @property
     def present_indices(self) -> list[int]:

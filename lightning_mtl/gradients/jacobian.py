@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -14,7 +14,11 @@ JacobianMethod = Literal["auto", "batched", "loop", "lean"]
 
 
 def _batched_grad(
-    outputs: Tensor, inputs: Sequence[Tensor], scale: float, batched: bool
+    outputs: Tensor,
+    inputs: Sequence[Tensor],
+    scale: float,
+    batched: bool,
+    rows: Sequence[Tensor] | None = None,
 ) -> list[Tensor | None]:
     T = outputs.shape[0]
     if batched:
@@ -24,16 +28,21 @@ def _batched_grad(
                 outputs, inputs, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
             )
         )
-    rows: list[list[Tensor | None]] = []
+    per_task: list[list[Tensor | None]] = []
     for i in range(T):
-        g = torch.zeros_like(outputs)
-        g[i] = scale
-        rows.append(
-            list(torch.autograd.grad(outputs, inputs, grad_outputs=g, retain_graph=True, allow_unused=True))
-        )
+        if rows is not None:  # the task's own graph only
+            seed = torch.full((), scale, device=outputs.device, dtype=rows[i].dtype)
+            grads = torch.autograd.grad(
+                rows[i], inputs, grad_outputs=seed, retain_graph=True, allow_unused=True
+            )
+        else:
+            g = torch.zeros_like(outputs)
+            g[i] = scale
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=g, retain_graph=True, allow_unused=True)
+        per_task.append(list(grads))
     out: list[Tensor | None] = []
     for j in range(len(inputs)):
-        col = [r[j] for r in rows]
+        col = [r[j] for r in per_task]
         if all(c is None for c in col):
             out.append(None)
         else:
@@ -42,20 +51,116 @@ def _batched_grad(
 
 
 def jacobian(
-    outputs: Tensor, inputs: Sequence[Tensor], *, batched: bool = True, scale: float | None = None
+    outputs: Tensor,
+    inputs: Sequence[Tensor],
+    *,
+    batched: bool = True,
+    scale: float | None = None,
+    rows: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Jacobian ``[T, P]`` (float32 or wider) of ``outputs [T]`` w.r.t. ``inputs``, flattened and concatenated.
 
     One batched backward (``is_grads_batched=True``) when ``batched``, else ``T`` backward passes. The graph
     is retained (the caller back-propagates the combined loss afterwards). Inputs no output reaches get zero
-    columns. ``scale`` (the AMP loss scale) multiplies the backward's seed and divides the result. No DDP
-    hook fires (``torch.autograd.grad``): nothing is all-reduced behind the caller's back.
+    columns. ``rows`` (the scalars ``outputs`` stacks) lets the loop back-propagate each task's own graph only.
+    ``scale`` (the AMP loss scale) multiplies the backward's seed and divides the result. No DDP hook fires
+    (``torch.autograd.grad``): nothing is all-reduced behind the caller's back.
     """
     if outputs.ndim != 1:
         raise ValueError(f"jacobian expects a 1-d tensor of T losses, got shape {tuple(outputs.shape)}.")
     s = 1.0 if scale is None else float(scale)
-    grads = _batched_grad(outputs, inputs, s, batched)
+    grads = _batched_grad(outputs, inputs, s, batched, rows)
+    return _flatten_columns(grads, inputs, outputs.shape[0], outputs, s)
+
+
+#: from this many tasks on, a Jacobian whose tasks reach the shared parameters only through the marked
+#: representation is computed in two phases (:func:`split_jacobian`)
+SPLIT_MIN_TASKS = 8
+
+SplitPlan = Literal["per_task", "batched"]
+
+
+def split_plan(rows: Sequence[Tensor], through: Tensor, inputs: Sequence[Tensor]) -> SplitPlan | None:
+    """Whether :func:`split_jacobian` is exact for these losses: every path from a loss to an input passes through
+    ``through`` (the marked shared representation). Walks each loss's graph down to ``through`` (never below it).
+    ``"per_task"`` when the losses' graphs above ``through`` are disjoint (separate heads: one backward per task
+    costs only its own head), ``"batched"`` when they share nodes (e.g. one fused head), ``None`` when an input
+    is reached another way (a skip connection around the representation, a shared layer after it), or
+    ``through`` is not produced by an operation."""
+    stop = through.grad_fn
+    if stop is None:
+        return None
+    stop_nr = through.output_nr
+    targets = {id(p) for p in inputs}
+    owner: dict[Any, int] = {}
+    shared = False
+    for i, row in enumerate(rows):
+        if row.grad_fn is None:
+            return None
+        pending, seen = [row.grad_fn], set()
+        while pending:
+            node = pending.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if owner.setdefault(node, i) != i:
+                shared = True
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None and id(variable) in targets:
+                return None
+            for child, nr in node.next_functions:
+                if child is None:
+                    continue
+                if child is stop:
+                    if nr != stop_nr:  # another output of the op that makes the representation
+                        return None
+                    continue
+                pending.append(child)
+    return "batched" if shared else "per_task"
+
+
+def split_jacobian(
+    outputs: Tensor,
+    rows: Sequence[Tensor],
+    through: Tensor,
+    inputs: Sequence[Tensor],
+    plan: SplitPlan,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """:func:`jacobian` of ``outputs`` (``torch.stack(rows)``) through the representation ``through`` that
+    separates them from ``inputs`` (:func:`split_plan`): first the per-task gradients ``[T, *through.shape]``
+    w.r.t. the representation (``"per_task"``: one backward of each task's own graph; ``"batched"``: one
+    batched backward of the stack down to the representation), then one batched backward of those through the
+    trunk to ``inputs``. Exact (the chain rule); with separate heads the heads are back-propagated once per task
+    instead of ``T`` times each by the batched backward of the whole graph."""
+    s = 1.0 if scale is None else float(scale)
     T = outputs.shape[0]
+    if plan == "per_task":
+        seed = torch.full((), s, device=outputs.device, dtype=outputs.dtype)
+        per_task = []
+        for row in rows:
+            (g,) = torch.autograd.grad(row, through, grad_outputs=seed, retain_graph=True, allow_unused=True)
+            per_task.append(torch.zeros_like(through) if g is None else g)
+        at_rep = torch.stack(per_task)
+    else:
+        eye = torch.eye(T, device=outputs.device, dtype=outputs.dtype) * s
+        (g,) = torch.autograd.grad(
+            outputs, through, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        at_rep = (
+            torch.zeros((T, *through.shape), device=through.device, dtype=through.dtype) if g is None else g
+        )
+    grads = torch.autograd.grad(
+        through, inputs, grad_outputs=at_rep, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    return _flatten_columns(list(grads), inputs, T, outputs, s)
+
+
+def _flatten_columns(
+    grads: list[Tensor | None], inputs: Sequence[Tensor], T: int, outputs: Tensor, s: float
+) -> Tensor:
+    """``[T, P]``: each input's per-task gradients flattened (zeros where unreached), concatenated, unscaled."""
     dtype = torch.promote_types(outputs.dtype, torch.float32)
     cols = []
     for g, x in zip(grads, inputs):
@@ -88,7 +193,27 @@ class JacobianEngine:
         self.owner = owner
         self.batched = method != "loop"
 
-    def __call__(self, outputs: Tensor, inputs: Sequence[Tensor], scale: float | None = None) -> Tensor:
+    def __call__(
+        self,
+        outputs: Tensor,
+        inputs: Sequence[Tensor],
+        scale: float | None = None,
+        *,
+        rows: Sequence[Tensor] | None = None,
+        through: Tensor | None = None,
+    ) -> Tensor:
+        """The Jacobian of ``outputs`` w.r.t. ``inputs``. Given the losses before their stack (``rows``) and the
+        marked shared representation (``through``), with at least :data:`SPLIT_MIN_TASKS` tasks, and when every
+        path from a loss to an input passes through the representation (:func:`split_plan`), it is computed
+        through the representation (:func:`split_jacobian`: the same Jacobian, without back-propagating every
+        head ``T`` times)."""
+        if self.batched and rows is not None and through is not None and len(rows) >= SPLIT_MIN_TASKS:
+            plan = split_plan(rows, through, inputs)
+            if plan is not None:
+                try:
+                    return split_jacobian(outputs, rows, through, inputs, plan, scale=scale)
+                except RuntimeError:
+                    pass  # e.g. an operation without a vmap rule: the plain batched backward (and its fallback)
         if self.batched:
             try:
                 return jacobian(outputs, inputs, batched=True, scale=scale)
@@ -102,7 +227,7 @@ class JacobianEngine:
                     stacklevel=3,
                 )
                 self.batched = False
-        return jacobian(outputs, inputs, batched=False, scale=scale)
+        return jacobian(outputs, inputs, batched=False, scale=scale, rows=rows)
 
 
 def unflatten(vector: Tensor, params: Sequence[Tensor]) -> list[Tensor]:

@@ -159,7 +159,9 @@ class TaskGradients:
         ``(z, [T, numel(z)])`` for the marked representation ``z``."""
         scale = grad_scale(ctx.trainer)
         if self.target == "parameters":
-            return None, self._engine(ctx.losses, self.parameters(ctx.module), scale).detach()
+            params = self.parameters(ctx.module)
+            rep = ctx.representation
+            return None, self._engine(ctx.losses, params, scale, rows=ctx.loss_rows, through=rep).detach()
         z = marked_representation(ctx.module, self.owner, self._representation_fix)
         return z, self._engine(ctx.losses, [z], scale).detach()
 

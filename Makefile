@@ -6,7 +6,7 @@ TORCH_PIN ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test test-all demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m ruff check lightning_mtl tests examples benchmarks
 	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m ruff check lightning_mtl tests examples benchmarks
+	$(BIN)/python -m pytest -q -m ""
 
 demo: $(STAMP)
 	$(BIN)/lightning-mtl compare --out demo_out --overwrite

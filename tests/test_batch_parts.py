@@ -128,6 +128,7 @@ class FirstPart(PlainDirection):
         return Direction(jacobian[0].sum(0), ones, ones)
 
 
+@pytest.mark.ddp_extra  # the same mechanism as MoCo's local-sync / MoDo's and SDMGrad's DDP test
 @pytest.mark.timeout(240)
 def test_parts_are_exact_under_ddp(tmp_path):
     # 2 ranks × 6 ≡ 1 process × 12: the union of the ranks' part j is the single process's part j

@@ -295,7 +295,7 @@ def test_representation_mode_ignores_lean():
 
 # ------------------------------------------------------------------------------------------ DDP
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["upgrad", "pcgrad"])
+@pytest.mark.parametrize("name", ["upgrad", pytest.param("pcgrad", marks=pytest.mark.ddp_extra)])
 def test_lean_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, name):
     """Each parameter block's J_b is all-reduced before J_b J_bᵀ: the global batch's Gramian, exactly."""
     make = STRATEGIES[name]

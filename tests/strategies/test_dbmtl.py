@@ -297,6 +297,7 @@ def test_state_of_another_shape_is_a_clear_error():
         dbmtl_step(torch.zeros(2, 3, dtype=F64), torch.ones(2, dtype=F64), state)
 
 
+@pytest.mark.ddp_extra  # the same mechanism as MoCo's local-sync / MoDo's and SDMGrad's DDP test
 @pytest.mark.timeout(240)
 def test_local_sync_averages_the_state_over_ranks(tmp_path):
     single, rank0, rank1 = ddp_parity_records(

@@ -503,6 +503,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     assert any(abs(w - 1) > 1e-3 for w in single["weights"].values())
 
 
+@pytest.mark.ddp_extra  # the same mechanism as MoCo's local-sync / MoDo's and SDMGrad's DDP test
 @pytest.mark.timeout(240)
 def test_local_sync_keeps_every_rank_identical(tmp_path):
     """sync="local": each rank updates S, e⁰ and log w from its own gradients and the base averages them over

@@ -233,6 +233,7 @@ B = 8
 EPOCHS = 2
 
 
+@pytest.mark.ddp_extra  # GradNorm's DDP parity with uneven label counts (test_partial_gradient_strategies.py) runs
 @pytest.mark.timeout(240)
 def test_ddp_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     single, rank0, rank1 = ddp_parity_records(

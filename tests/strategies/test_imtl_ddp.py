@@ -31,7 +31,10 @@ def _s(record) -> torch.Tensor:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", list(CASES))
+# (IMTL's hybrid is IMTL-L + IMTL-G, each exact below: its own case runs with `make test-all`)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.ddp_extra if n == "imtl" else ()) for n in CASES]
+)
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, name):
     make_strategy, make_model = CASES[name]
     single, rank0, rank1 = ddp_parity_records(

@@ -303,6 +303,7 @@ def test_mid_epoch_resume_by_steps(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DDP
+@pytest.mark.ddp_extra  # MoDo with partial labels (test_partial_batch_parts.py) and SDMGrad's full-label test run
 @pytest.mark.timeout(240)
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     # 2 ranks × 6 (3 divides the per-rank batch) ≡ 1 process × 12: the ranks' parts j make the single's part j
@@ -318,6 +319,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     assert any(abs(w - 1 / 3) > 1e-3 for w in single["weights"].values())
 
 
+@pytest.mark.ddp_extra  # the same mechanism as MoCo's local-sync / MoDo's and SDMGrad's DDP test
 @pytest.mark.timeout(240)
 def test_local_sync_keeps_every_rank_identical(tmp_path):
     """sync="local": each rank's λ step uses its own parts and λ is averaged over ranks after each step."""

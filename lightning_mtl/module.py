@@ -121,6 +121,7 @@ class MultiTaskModule(pl.LightningModule):
             TaskMetrics(self.tasks) if any(t.metrics is not None for t in self.tasks) else None
         )
         self._shared_representation: Tensor | None = None  # set by shared_representation() in training
+        self._plain_losses: list[bool] = []  # partial labels: the tasks whose last loss was a plain mean
         self._loss_rows: list[Tensor] | None = (
             None  # this step's checked losses before the stack (StepContext)
         )
@@ -355,24 +356,30 @@ class MultiTaskModule(pl.LightningModule):
                 f"each training batch, and this batch cannot be split: {err}"
             ) from err
         sizes = part_sizes(batch, k)
-        part_losses, part_counts, outputs_list = [], [], []
+        part_losses, part_counts, plain, outputs_list = [], [], [], []
         for piece in pieces:
             self._shared_representation = None
             losses, outputs, counts = self._training_losses(piece, batch_idx)
             part_losses.append(losses)
             part_counts.append(counts)
+            plain.append([True] * len(self.task_names) if counts is None else self._plain_losses)
             outputs_list.append(outputs)
         if all(c is None for c in part_counts):
             n = sum(sizes)
             whole = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
             global_losses = reduce_mean(self.trainer, whole.detach())
             return _PartLosses(whole, part_losses, sizes, outputs_list, None, global_losses, None)
-        # partial labels: every part's labelled mean, exact over ranks (a part returning plain means counts 1)
+        # partial labels: every part's labelled mean, exact over ranks. A plain (not masked_mean) loss is the mean
+        # over its part: it counts as the part's size, so that plain losses are size-weighted as without partial labels
         counts = torch.stack(
             [torch.ones_like(L) if c is None else c.to(L) for L, c in zip(part_losses, part_counts)]
         )
+        factor = torch.tensor(
+            [[float(size) if p else 1.0 for p in row] for row, size in zip(plain, sizes)],
+            device=counts.device,
+        )
         parts, whole, global_losses, mean_counts, mean_part_counts = combine_parts_over_ranks(
-            self.trainer, torch.stack(part_losses), counts
+            self.trainer, torch.stack(part_losses) * factor.to(part_losses[0]), counts * factor
         )
         return _PartLosses(
             whole, list(parts.unbind(0)), sizes, outputs_list, mean_part_counts, global_losses, mean_counts
@@ -416,6 +423,7 @@ class MultiTaskModule(pl.LightningModule):
         else:  # nothing labelled here: a zero still attached to the model, so that every rank back-propagates
             rows, zero = {}, self._attached_zero(training)
         stacked = torch.stack([rows.get(n, zero) for n in self.task_names])
+        self._plain_losses = [n in rows and n not in masked for n in self.task_names]  # counted 1 (a mean)
         one = torch.ones((), device=stacked.device)
         counts = torch.stack(
             [

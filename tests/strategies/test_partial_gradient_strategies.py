@@ -164,7 +164,8 @@ def test_a_step_without_the_task_leaves_its_state_untouched_and_its_weight_zero(
         assert weights["c"] == 0.0 and weights["a"] != 0.0
     for old, new in zip(snaps.start[2][1], snaps.end[2][1]):  # the present tasks' state moved
         assert not torch.equal(old, new), name
-    if before:  # present again at batch 3: c's state moves again
+    at_vertex = isinstance(strategy, SDMGrad) and float(before[0]) in (0.0, 1.0)  # SDMGrad's w may rest at 0
+    if before and not at_vertex:  # present again at batch 3: c's state moves again
         assert any(not torch.equal(o, n) for o, n in zip(snaps.start[3][0], snaps.end[3][0])), name
     if isinstance(strategy, GradNorm):  # Σ w = T with the absent weight untouched
         assert float(strategy.params.detach().sum()) == pytest.approx(3.0, abs=1e-5)

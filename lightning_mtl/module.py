@@ -55,9 +55,8 @@ __all__ = ["MultiTaskModule", "NonFinitePolicy"]
 class _PartLosses(NamedTuple):
     """The losses of a batch split into ``k`` disjoint parts (independent gradient samples: MoDo, SDMGrad)."""
 
-    whole: (
-        Tensor  # [T], attached: the parts' size-weighted mean (partial labels: every labelled sample's mean)
-    )
+    # [T], attached: the parts' size-weighted mean (partial labels: every labelled sample's mean)
+    whole: Tensor
     losses: list[Tensor]  # each part's [T], attached (partial labels: the part's labelled mean)
     sizes: list[int]
     outputs: list[Any]  # each part's metric outputs
@@ -122,9 +121,8 @@ class MultiTaskModule(pl.LightningModule):
         )
         self._shared_representation: Tensor | None = None  # set by shared_representation() in training
         self._plain_losses: list[bool] = []  # partial labels: the tasks whose last loss was a plain mean
-        self._loss_rows: list[Tensor] | None = (
-            None  # this step's checked losses before the stack (StepContext)
-        )
+        # this step's checked losses before the stack (StepContext.loss_rows)
+        self._loss_rows: list[Tensor] | None = None
         # (batch, batch_idx, rank-averaged losses) of a window's last micro-batch, for on_post_step_losses
         self._post_step_input: tuple[Any, int, Tensor] | None = None
         self._sharing: Sharing | None = None  # the shared parameters found on the first step of a fit

@@ -70,7 +70,7 @@ def jacobian(
         raise ValueError(f"jacobian expects a 1-d tensor of T losses, got shape {tuple(outputs.shape)}.")
     s = 1.0 if scale is None else float(scale)
     grads = _batched_grad(outputs, inputs, s, batched, rows)
-    return _flatten_columns(grads, inputs, outputs.shape[0], outputs, s)
+    return _flatten_columns(grads, inputs, outputs, s)
 
 
 #: from this many tasks on, a Jacobian whose tasks reach the shared parameters only through the marked
@@ -136,31 +136,20 @@ def split_jacobian(
     instead of ``T`` times each by the batched backward of the whole graph."""
     s = 1.0 if scale is None else float(scale)
     T = outputs.shape[0]
-    if plan == "per_task":
-        seed = torch.full((), s, device=outputs.device, dtype=outputs.dtype)
-        per_task = []
-        for row in rows:
-            (g,) = torch.autograd.grad(row, through, grad_outputs=seed, retain_graph=True, allow_unused=True)
-            per_task.append(torch.zeros_like(through) if g is None else g)
-        at_rep = torch.stack(per_task)
-    else:
-        eye = torch.eye(T, device=outputs.device, dtype=outputs.dtype) * s
-        (g,) = torch.autograd.grad(
-            outputs, through, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-        at_rep = (
-            torch.zeros((T, *through.shape), device=through.device, dtype=through.dtype) if g is None else g
-        )
+    (at_rep,) = _batched_grad(outputs, [through], s, plan == "batched", rows)  # [T, *through.shape], scaled
+    if at_rep is None:
+        at_rep = torch.zeros((T, *through.shape), device=through.device, dtype=through.dtype)
     grads = torch.autograd.grad(
         through, inputs, grad_outputs=at_rep, retain_graph=True, allow_unused=True, is_grads_batched=True
     )
-    return _flatten_columns(list(grads), inputs, T, outputs, s)
+    return _flatten_columns(list(grads), inputs, outputs, s)
 
 
 def _flatten_columns(
-    grads: list[Tensor | None], inputs: Sequence[Tensor], T: int, outputs: Tensor, s: float
+    grads: list[Tensor | None], inputs: Sequence[Tensor], outputs: Tensor, s: float
 ) -> Tensor:
     """``[T, P]``: each input's per-task gradients flattened (zeros where unreached), concatenated, unscaled."""
+    T = outputs.shape[0]
     dtype = torch.promote_types(outputs.dtype, torch.float32)
     cols = []
     for g, x in zip(grads, inputs):

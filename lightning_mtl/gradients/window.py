@@ -135,9 +135,8 @@ class TaskGradients:
         self._J: Tensor | None = None
         self._part_sum: Tensor | None = None  # Σ over micro-batches of the parts' Jacobians [k, T, P]
         self._part_fractions: Tensor | None = None  # each part's share of each task's samples [k, T]
-        self._part_counts: Tensor | None = (
-            None  # partial labels: the window's labelled counts per part [k, T]
-        )
+        # partial labels: the window's labelled counts per part [k, T]
+        self._part_counts: Tensor | None = None
         self._parts_J: Tensor | None = None
         self._lean = False  # this window uses the lean engine (decided at its first micro-batch)
         self._G: Tensor | None = None  # the lean window's Gramian
@@ -242,9 +241,8 @@ class TaskGradients:
         parts = torch.stack([self._engine(L, params, scale).detach() for L in ctx.part_losses])  # [k, T, P]
         T = parts.shape[1]
         if ctx.part_counts is None:  # each part's share of the batch, the same for every task
-            shares = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)[:, None].expand(
-                -1, T
-            )
+            sizes = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)
+            shares = sizes[:, None].expand(-1, T)
         else:  # partial labels: each part's share of the task's labelled samples (summed over the window)
             shares = ctx.part_counts.to(device=parts.device, dtype=parts.dtype)
             if self._part_counts is not None:

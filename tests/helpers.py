@@ -168,6 +168,18 @@ def bound(strategy: Any, names: Sequence[str] = ("a", "b")) -> Any:
     return strategy
 
 
+def single_process_batches(ds: TensorDataset, batch_size: int, epochs: int) -> list[torch.Tensor]:
+    """The sample indices of each batch of ``batch_size`` that :func:`ddp_parity_records`' single process sees
+    over ``epochs`` epochs (the permutation Lightning's ``DistributedSampler`` gives, seed 0): the union of the
+    two ranks' batches of ``batch_size // 2``, rank ``r`` taking the samples ``r::2``."""
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    batches = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        batches += list(torch.tensor(list(sampler)).view(-1, batch_size))
+    return batches
+
+
 def ddp_parity_records(
     tmp_path: Any,
     make_strategy: Any,

@@ -66,12 +66,16 @@ class KPINet(MultiTaskModule):
         self.batch_kpi: list[list[float]] = []
         self.batch_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def task_losses(self, batch, batch_idx):
+    def predict(self, batch):
+        """``(pa, pb, ya, yb)``: task a's logits and binary targets, task b's logits and class targets."""
         x, y = batch
         z = self.encoder(x)
         ya = (y[:, 0] > 0).long()
         yb = torch.bucketize(y[:, 1].contiguous(), torch.tensor([-1.5, 1.5]))
-        pa, pb = self.heads["a"](z).squeeze(1), self.heads["b"](z)
+        return self.heads["a"](z).squeeze(1), self.heads["b"](z), ya, yb
+
+    def task_losses(self, batch, batch_idx):
+        pa, pb, ya, yb = self.predict(batch)
         if torch.is_grad_enabled():
             acc_a = float(((pa > 0).long() == ya).float().mean())
             acc_b = float((pb.argmax(1) == yb).float().mean())
@@ -272,12 +276,8 @@ class MaskedKPINet(KPINet):
     def task_losses(self, batch, batch_idx):
         from lightning_mtl import masked_mean
 
-        x, y = batch
-        z = self.encoder(x)
-        ya = (y[:, 0] > 0).long()
-        yb = torch.bucketize(y[:, 1].contiguous(), torch.tensor([-1.5, 1.5]))
-        pa, pb = self.heads["a"](z).squeeze(1), self.heads["b"](z)
-        mask = x[:, 1] > 0
+        pa, pb, ya, yb = self.predict(batch)
+        mask = batch[0][:, 1] > 0
         self.labelled_kpi.append(float((pb[mask].argmax(1) == yb[mask]).float().mean()))
         losses = {
             "a": nn.functional.binary_cross_entropy_with_logits(pa, ya.float()),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TinyNet, ddp_parity_records, loader, make_data, trainer
+from helpers import TinyNet, ddp_parity_records, loader, make_data, single_process_batches, trainer
 from torch import Tensor, nn
 
 from lightning_mtl import Task, masked_mean
@@ -133,16 +133,10 @@ def test_modo_uneven_label_counts_per_rank_and_part_are_exact_under_ddp(tmp_path
 def test_the_sparse_model_has_parts_without_labels_and_absent_batches():
     # what the DDP test relies on: among the single process's parts of 4 (batches of 12, in the sampler's
     # order), some have no label of b while their batch has some, and some batches have none at all
-    from torch.utils.data import DistributedSampler
-
     ds = make_data(n=48)
-    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
     part_missing = absent = 0
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
-        for batch in order.view(-1, 12):
-            per_part = (ds.tensors[0][batch, 0] > 0.8).view(3, 4).sum(1)
-            absent += int(per_part.sum() == 0)
-            part_missing += int(per_part.sum() > 0 and bool((per_part == 0).any()))
+    for batch in single_process_batches(ds, batch_size=12, epochs=3):
+        per_part = (ds.tensors[0][batch, 0] > 0.8).view(3, 4).sum(1)
+        absent += int(per_part.sum() == 0)
+        part_missing += int(per_part.sum() > 0 and bool((per_part == 0).any()))
     assert part_missing > 0 and absent > 0

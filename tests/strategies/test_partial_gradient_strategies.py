@@ -17,7 +17,15 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyNet, ddp_parity_records, flat_params, loader, make_data, trainer
+from helpers import (
+    TinyNet,
+    ddp_parity_records,
+    flat_params,
+    loader,
+    make_data,
+    single_process_batches,
+    trainer,
+)
 from torch import Tensor, nn
 
 from lightning_mtl import Task, masked_mean
@@ -288,23 +296,14 @@ def test_the_sparse_labels_model_has_absent_steps_and_uneven_counts():
     # what the DDP test below relies on: among the single process's batches of 16 (the union of the two
     # ranks' batches of 8, in the order of the sampler Lightning gives them), some have no label of b (b
     # absent) and some have labels on one rank's half only
-    from torch.utils.data import DistributedSampler
-
     ds = make_data(n=64)
     x = ds.tensors[0]
-    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
     absent = one_half = 0
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
-        for batch in order.view(-1, 16):
-            labelled = x[batch, 0] > 1.2
-            rank0, rank1 = (
-                int(labelled[0::2].sum()),
-                int(labelled[1::2].sum()),
-            )  # ranks take alternate samples
-            absent += rank0 + rank1 == 0
-            one_half += (rank0 == 0) != (rank1 == 0)
+    for batch in single_process_batches(ds, batch_size=16, epochs=3):
+        labelled = x[batch, 0] > 1.2
+        rank0, rank1 = int(labelled[0::2].sum()), int(labelled[1::2].sum())  # ranks take alternate samples
+        absent += rank0 + rank1 == 0
+        one_half += (rank0 == 0) != (rank1 == 0)
     assert absent > 0 and one_half > 0
 
 

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+_GROUP_ROWS = 32  # rows per linear-solve batch of similar free-set sizes
+
 
 def solve_bounded_qp(
     Q: Tensor,
@@ -30,8 +32,9 @@ def solve_bounded_qp(
     and finite for ``Q`` positive definite. The primal phase starts from the free sets guessed by
     primal-dual active-set rounds (:func:`_guess_free_set`), and the rows whose guess already meets the KKT
     conditions skip it. Each linear solve is restricted to the rows' free variables
-    (:func:`_solve_on_free_set`): UPGrad's 100 problems on a 100-task Gramian of full rank take about 40 ms
-    on one CPU thread (230 ms with full-size solves).
+    (:func:`_solve_on_free_set`), grouped by free-set size and factorised by Cholesky: UPGrad's 100 problems
+    on a 100-task Gramian of full rank take about 20 ms on one CPU thread (40 ms in one padded LU batch,
+    230 ms with full-size solves).
 
     Args:
         Q: ``[T, T]`` symmetric positive definite, float64.
@@ -46,9 +49,9 @@ def solve_bounded_qp(
     B, T = lower.shape
     if max_iter is None:
         max_iter = 20 * T + 50
-    eye = torch.eye(T, dtype=Q.dtype)
+    padded = _padded(Q)
     free = torch.zeros(B, T, dtype=torch.bool) if free is None else free.clone()
-    guess = _guess_free_set(Q, q, lower, free, eye)
+    guess = _guess_free_set(Q, q, lower, free, padded)
     if isinstance(guess, Tensor):  # a bare free set: nothing certified, every row goes through the loop below
         free, x, done = guess, lower.clone(), torch.zeros(B, dtype=torch.bool)
     else:
@@ -60,7 +63,7 @@ def solve_bounded_qp(
         if rows.numel() == 0:
             break
         xb, fb, lb, qb = x[rows], free[rows], lower[rows], q[rows]
-        y = _solve_on_free_set(Q, qb, lb, fb, eye)
+        y = _solve_on_free_set(Q, qb, lb, fb, padded)
         if not bool(torch.isfinite(y).all()):
             done[rows] = True  # cannot happen for Q positive definite; keep the last feasible iterate
             break
@@ -93,36 +96,58 @@ def solve_bounded_qp(
     return torch.maximum(x, lower), free
 
 
-def _solve_on_free_set(Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tensor) -> Tensor:
+def _padded(Q: Tensor) -> Tensor:
+    """``[[Q, 0], [0, I]]`` (``2T × 2T``): gathering a free set padded with the indices ``T, T+1, …`` from it
+    gives the free block of ``Q`` bordered by an identity block, the batch's padding, in one gather."""
+    T = Q.shape[0]
+    padded = torch.zeros(2 * T, 2 * T, dtype=Q.dtype)
+    padded[:T, :T] = Q
+    padded.diagonal()[T:] = 1.0
+    return padded
+
+
+def _solve_on_free_set(Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, padded: Tensor) -> Tensor:
     """Minimiser of ``½xᵀQx + qᵀx`` over the free variables, the others fixed at their bound (batched).
 
-    Each row's system ``Q_FF x_F = −q_F − Q_FA lower_A`` is gathered into a ``[B, k, k]`` batch with ``k`` the
-    largest free-set size (shorter rows padded with the identity), so a batch of rows with ``k ≪ T`` free
-    variables costs ``B·k³`` instead of ``B·T³``: at ``T = 100`` UPGrad's rows have about 45 free variables.
+    Each row's system ``Q_FF x_F = −q_F − Q_FA lower_A`` is gathered from ``padded`` (:func:`_padded`) into
+    a ``[B, k, k]`` batch with ``k`` the largest free-set size (shorter rows padded with the identity), so a
+    batch of rows with ``k ≪ T`` free variables costs ``B·k³`` instead of ``B·T³``: at ``T = 100`` UPGrad's
+    rows have about 45 free variables. Large batches are solved in groups of rows of similar free-set size
+    (the padding would otherwise make every row as costly as the largest), each by a Cholesky factorisation
+    (``Q_FF`` is a principal block of a positive definite ``Q``), falling back to LU where it fails.
     """
     B, T = free.shape
+    if B > _GROUP_ROWS:
+        x = torch.empty_like(lower)
+        for rows in torch.argsort(free.sum(dim=1)).split(_GROUP_ROWS):
+            x[rows] = _solve_on_free_set(Q, q[rows], lower[rows], free[rows], padded)
+        return x
     counts = free.sum(dim=1)
-    x = lower.clone()
     k = int(counts.max()) if B else 0
     if k == 0:
-        return x
+        return lower.clone()
     rhs = -q - torch.where(free, torch.zeros_like(lower), lower) @ Q
     # the free variables of each row first, in increasing order (a stable sort of the fixed flags)
     order = torch.sort((~free).to(torch.uint8), dim=1, stable=True).indices[:, :k]
     valid = torch.arange(k)[None, :] < counts[:, None]
-    K = Q.index_select(0, order.reshape(-1)).view(B, k, T).gather(2, order[:, None, :].expand(B, k, k))
-    if not bool(valid.all()):
-        pad = valid.to(Q.dtype)
-        K = K * (pad[:, :, None] * pad[:, None, :])
-        K.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)
-    b = rhs.gather(1, order) * valid
-    y = torch.linalg.solve(K, b)
+    index = torch.where(valid, order, T + torch.arange(k)[None, :])  # padding slots: the identity block
+    K = (
+        padded.index_select(0, index.reshape(-1))
+        .view(B, k, 2 * T)
+        .gather(2, index[:, None, :].expand(B, k, k))
+    )
+    b = (rhs.gather(1, order) * valid)[..., None]
+    factor, info = torch.linalg.cholesky_ex(K)
+    if bool((info == 0).all()):
+        y = torch.cholesky_solve(b, factor)
+    else:  # not positive definite in floating point: LU
+        y = torch.linalg.solve(K, b)
     # padded slots point at fixed variables: write their bound back there
-    return x.scatter(1, order, torch.where(valid, y, lower.gather(1, order)))
+    return lower.scatter(1, order, torch.where(valid, y.squeeze(-1), lower.gather(1, order)))
 
 
 def _guess_free_set(
-    Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, eye: Tensor
+    Q: Tensor, q: Tensor, lower: Tensor, free: Tensor, padded: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Primal-dual active-set rounds (Hintermüller, Ito, Kunisch 2002) to guess the optimal free sets.
 
@@ -143,7 +168,7 @@ def _guess_free_set(
     settled = torch.zeros(B, dtype=torch.bool)
     rows = torch.arange(B)
     for _ in range(4 + free.shape[1] // 2):
-        y = _solve_on_free_set(Q, q[rows], lower[rows], free[rows], eye)
+        y = _solve_on_free_set(Q, q[rows], lower[rows], free[rows], padded)
         if not bool(torch.isfinite(y).all()):
             free[rows] = False
             break

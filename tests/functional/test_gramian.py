@@ -175,3 +175,45 @@ def test_cosine_min_of_one_task_is_one() -> None:
     assert cosine_min(torch.tensor([[4.0]])).item() == 1.0
     assert cosine_min(torch.zeros(1, 1)).item() == 1.0
     assert cosine_similarities(torch.tensor([[4.0]], dtype=torch.float32)).dtype == torch.float64
+
+
+def _kkt_residual(Q: torch.Tensor, q: torch.Tensor, lower: torch.Tensor, x: torch.Tensor) -> float:
+    """Largest violation of the KKT conditions of ``min ½xᵀQx + qᵀx, x ≥ lower`` over the rows."""
+    gradient = x @ Q + q
+    slack = x - lower
+    return max(
+        float((-slack).clamp_min(0).max()),  # feasibility
+        float((-gradient).clamp_min(0).max()),  # multipliers ≥ 0
+        float((gradient * slack).abs().max()),  # complementarity
+    )
+
+
+@pytest.mark.parametrize("force_lu", [False, True])
+def test_bounded_qp_large_batches_match_row_by_row(monkeypatch: pytest.MonkeyPatch, force_lu: bool) -> None:
+    """Batches larger than one linear-solve group (rows grouped by free-set size) give each row's own
+    solution; so does the LU fallback taken when a Cholesky factorisation fails."""
+    if force_lu:
+        real = torch.linalg.cholesky_ex
+
+        def failing(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            factor, info = real(K)
+            return factor, torch.ones_like(info)
+
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    g = torch.Generator().manual_seed(3)
+    T, B = 24, 90
+    M = torch.randn(T, T, generator=g, dtype=torch.float64)
+    Q = M @ M.T / T + 1e-3 * torch.eye(T, dtype=torch.float64)
+    q = (
+        torch.randn(B, T, generator=g, dtype=torch.float64)
+        * torch.linspace(0.1, 3.0, B, dtype=torch.float64)[:, None]
+    )
+    lower = torch.zeros(B, T, dtype=torch.float64)
+    lower[torch.arange(B), torch.arange(B) % T] = torch.rand(B, generator=g, dtype=torch.float64)
+    x, free = solve_bounded_qp(Q, q, lower)
+    assert len(set(free.sum(dim=1).tolist())) > 3  # rows of several free-set sizes
+    assert _kkt_residual(Q, q, lower, x) < 1e-10
+    for b in range(0, B, 7):
+        torch.testing.assert_close(
+            x[b], solve_bounded_qp(Q, q[b : b + 1], lower[b : b + 1])[0][0], rtol=1e-9, atol=1e-12
+        )

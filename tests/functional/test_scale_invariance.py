@@ -104,7 +104,7 @@ def test_bounded_qp_tolerances_are_relative(monkeypatch: pytest.MonkeyPatch, see
     Its blocking and optimality tolerances had an absolute ``1.0`` term: at ``s = 1e-30`` every multiplier
     looked optimal and the first iterate was returned.
     """
-    monkeypatch.setattr(_qp, "_guess_free_set", lambda Q, q, lower, free, eye: free)
+    monkeypatch.setattr(_qp, "_guess_free_set", lambda Q, q, lower, free, padded: free)
     g = torch.Generator().manual_seed(seed)
     T = 2 + seed % 9
     M = torch.randn(T, T + 1, generator=g, dtype=torch.float64)

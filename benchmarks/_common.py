@@ -49,18 +49,38 @@ def build_encoder(kind: str, in_dim: int = 32, hidden: int = 64) -> tuple[nn.Mod
     raise ValueError(f"unknown model kind {kind!r}; use 'mlp' or 'cnn'")
 
 
+def kpi_tasks(num_tasks: int) -> list[Any]:
+    """Binary tasks (the sign of each target) with a train accuracy metric each: a KPI for DTP."""
+    from torchmetrics.classification import BinaryAccuracy
+
+    from lightning_mtl import Task
+
+    return [
+        Task(name, kind="classification", metrics={"acc": BinaryAccuracy()}) for name in task_names(num_tasks)
+    ]
+
+
 class BenchMTL(MultiTaskModule):
-    """Shared encoder + T linear heads, MSE per task, through ``MultiTaskModule``."""
+    """Shared encoder + T linear heads, MSE per task, through ``MultiTaskModule``.
+
+    ``kpi=True``: each task is instead the binary classification of its target's sign (BCE loss) with a train
+    accuracy metric, the model DTP needs (the same network and data)."""
 
     def __init__(
-        self, num_tasks: int = 10, kind: str = "mlp", lr: float = 1e-3, mark_representation: bool = False
+        self,
+        num_tasks: int = 10,
+        kind: str = "mlp",
+        lr: float = 1e-3,
+        mark_representation: bool = False,
+        kpi: bool = False,
     ) -> None:
-        super().__init__(tasks=task_names(num_tasks))
+        super().__init__(tasks=kpi_tasks(num_tasks) if kpi else task_names(num_tasks))
         torch.manual_seed(0)
         self.encoder, hidden = build_encoder(kind)
         self.heads = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(num_tasks)])
         self.lr = lr
         self.mark_representation = mark_representation
+        self.kpi = kpi
 
     def shared_parameters(self):
         return self.encoder.parameters()
@@ -70,6 +90,14 @@ class BenchMTL(MultiTaskModule):
         z = self.encoder(x)
         if self.mark_representation:
             z = self.shared_representation(z)
+        if self.kpi:
+            logits = {name: head(z).squeeze(1) for name, head in zip(self.task_names, self.heads)}
+            labels = {name: (y[:, i] > 0).long() for i, name in enumerate(self.task_names)}
+            losses = {
+                name: nn.functional.binary_cross_entropy_with_logits(logits[name], labels[name].float())
+                for name in self.task_names
+            }
+            return losses, {name: (logits[name].detach().sigmoid(), labels[name]) for name in self.task_names}
         return {
             name: nn.functional.mse_loss(head(z).squeeze(1), y[:, i])
             for i, (name, head) in enumerate(zip(self.task_names, self.heads))

@@ -73,6 +73,20 @@ def _check_batch_readable(task: str, name: str, metric: Metric) -> None:
             )
 
 
+def _put(metric: Metric, name: str, value: Any) -> None:
+    """Set a metric's state or bookkeeping attribute without ``nn.Module.__setattr__`` (they are plain attributes,
+    never parameters, buffers or modules): a tenth of the cost, several times per task and step."""
+    object.__setattr__(metric, name, value)
+
+
+def _compute(probe: Metric, gathered: bool) -> Any:
+    """The probe's value on its states. Summed states are already reduced over ranks: the metric's own
+    ``compute`` then runs without torchmetrics' wrapper (its sync context, cache and copy of the value, three
+    quarters of a small metric's compute); concatenated states go through the wrapper, which gathers them.
+    (Sub-metrics of a compositional metric, e.g. ``1 - metric``, go through theirs, which do not sync.)"""
+    return probe.compute() if gathered else type(probe).compute(probe)
+
+
 class _BatchKPI:
     """Each task's KPI on the current training (micro-)batch, identical on every rank.
 
@@ -89,47 +103,58 @@ class _BatchKPI:
     def __init__(self, tasks: Sequence[str], metric_names: Sequence[str]) -> None:
         self.tasks = tuple(tasks)
         self.metric_names = tuple(metric_names)
-        self._before: list[list[dict[str, Any]]] | None = None
-        # per task: its probe and the (train metric, probe) pairs of every (sub-)metric holding states; built
-        # once per TaskMetrics object (the module's metric objects persist; only their states change)
+        # the states before the batch: a copy of each tensor state, and each list state's length
+        self._before: list[Tensor] | None = None
+        self._lengths: list[int] = []
+        # built once per TaskMetrics object (the module's metric objects persist; only their states change):
+        # per task its probe; every tensor state as (train metric, probe, state, summed over ranks by hand) and
+        # list state as (train metric, probe, state)
         self._owner: Any = None
         self._probes: list[Metric] = []
-        self._pairs: list[list[tuple[Metric, Metric]]] = []
+        self._targets: list[
+            tuple[Metric, bool]
+        ] = []  # every probe (sub-)metric, and whether its task is gathered
+        self._gathered: list[bool] = []  # per task: has list states, gathered over ranks by torchmetrics
+        self._tensor_states: list[tuple[Metric, Metric, str, bool]] = []
+        self._list_states: list[tuple[Metric, Metric, str]] = []
 
-    def _bound(self, module: pl.LightningModule) -> list[list[tuple[Metric, Metric]]]:
+    def _bind(self, module: pl.LightningModule) -> None:
         task_metrics = getattr(module, "task_metrics", None)
         if task_metrics is None:
             raise RuntimeError("DTP: the module keeps no task metrics; DTP needs one KPI metric per task.")
-        if task_metrics is not self._owner:
-            metrics = [
-                task_metrics.collection("train", task).__getitem__(name, copy_state=False)
-                for task, name in zip(self.tasks, self.metric_names)
-            ]
-            self._probes = [metric.clone() for metric in metrics]
-            self._pairs = [
-                list(zip(_metric_states(metric), _metric_states(probe)))
-                for metric, probe in zip(metrics, self._probes)
-            ]
-            self._owner = task_metrics
-        return self._pairs
+        if task_metrics is self._owner:
+            return
+        metrics = [
+            task_metrics.collection("train", task).__getitem__(name, copy_state=False)
+            for task, name in zip(self.tasks, self.metric_names)
+        ]
+        self._probes = [metric.clone() for metric in metrics]
+        self._targets, self._tensor_states, self._list_states, self._gathered = [], [], [], []
+        for metric, probe in zip(metrics, self._probes):
+            pairs = list(zip(_metric_states(metric), _metric_states(probe)))
+            gathered = any(isinstance(d, list) for source, _ in pairs for d in source._defaults.values())
+            self._gathered.append(gathered)
+            self._targets.extend((target, gathered) for _, target in pairs)
+            for source, target in pairs:
+                for state, default in source._defaults.items():
+                    if isinstance(default, list):
+                        self._list_states.append((source, target, state))
+                    else:
+                        self._tensor_states.append((source, target, state, not gathered))
+        self._owner = task_metrics
 
     def snapshot(self, module: pl.LightningModule) -> None:
-        """Copy the KPI metrics' states before the batch updates them (a list state: its length)."""
-        self._before = [
-            [
-                {
-                    state: value.detach().clone() if isinstance(value, Tensor) else len(value)
-                    for state, value in ((s, getattr(source, s)) for s in source._defaults)
-                }
-                for source, _ in pairs
-            ]
-            for pairs in self._bound(module)
-        ]
+        """Copy the KPI metrics' states before the batch updates them (a list state: its length). Metric states
+        never require grad (torchmetrics updates them with grad disabled)."""
+        self._bind(module)
+        self._before = [getattr(source, state).clone() for source, _, state, _ in self._tensor_states]
+        self._lengths = [len(getattr(source, state)) for source, _, state in self._list_states]
 
     def reset(self) -> None:
         self._before = None
         self._owner = None
-        self._probes, self._pairs = [], []
+        self._probes, self._targets, self._gathered = [], [], []
+        self._tensor_states, self._list_states = [], []
 
     def read(self, module: pl.LightningModule, present: Sequence[bool] | None = None) -> Tensor:
         """The KPIs ``[T]`` (float64) of the batch whose update happened since :meth:`snapshot`; NaN for a task
@@ -143,29 +168,27 @@ class _BatchKPI:
                 "DTP: no metric state was recorded before this training batch (on_train_batch_start did not run); "
                 "DTP must be attached to the Trainer as a callback, Trainer(callbacks=[DTP(...)])."
             )
+        self._bind(module)
         summed: list[
             tuple[Metric, str, Tensor]
         ] = []  # (probe's metric, state, batch part) to all-reduce by hand
-        for pairs, before in zip(self._bound(module), self._before):
-            has_list = any(isinstance(old, int) for saved in before for old in saved.values())
-            for (source, target), saved in zip(pairs, before):
-                for state, old in saved.items():
-                    new = getattr(source, state)
-                    if isinstance(new, Tensor):
-                        delta = new.detach() - old.to(new.device)
-                        setattr(target, state, delta)
-                        if not has_list:
-                            summed.append((target, state, delta))
-                    else:
-                        setattr(target, state, list(new[old:]))
-                target._update_count = 1
-                target._computed = None
-                # summed states only: reduced below, in one all-reduce for all tasks; with concatenated states,
-                # torchmetrics gathers them at compute (forced on, whatever the metric's sync_on_compute)
-                target._to_sync = has_list
+        for (source, target, state, by_hand), before in zip(self._tensor_states, self._before):
+            part = getattr(source, state) - before
+            _put(target, state, part)
+            if by_hand:
+                summed.append((target, state, part))
+        for (source, target, state), length in zip(self._list_states, self._lengths):
+            _put(target, state, list(getattr(source, state)[length:]))
+        for target, gathered in self._targets:
+            _put(target, "_update_count", 1)
+            _put(target, "_computed", None)
+            # a task with summed states only: reduced below, in one all-reduce for all tasks; with concatenated
+            # states, torchmetrics gathers them at compute (forced on, whatever the metric's sync_on_compute)
+            _put(target, "_to_sync", gathered)
         self._all_reduce(module, summed)
         values = [
-            probe.compute() if present is None or present[i] else None for i, probe in enumerate(self._probes)
+            _compute(probe, self._gathered[i]) if present is None or present[i] else None
+            for i, probe in enumerate(self._probes)
         ]
         self._before = None
         return self._as_vector(values)

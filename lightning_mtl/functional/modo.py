@@ -1,5 +1,6 @@
 """MoDo (Chen, Fernando, Ying & Chen, NeurIPS 2023): the λ update from two independent gradient samples and
-the shared direction from a third; and the Euclidean projection onto the simplex that MoDo and SDMGrad share.
+the shared direction from both (or from a third); and the Euclidean projection onto the simplex that MoDo and
+SDMGrad share.
 
 Pure functions of tensors, on any device, without host synchronisation (no ``.item()``, no data-dependent
 Python branch): a strategy can run them every step on the accelerator.
@@ -50,16 +51,17 @@ def _check_number(value: float, name: str, *, positive: bool) -> float:
     return float(value)
 
 
-def _check_parts(parts: Tensor, method: str) -> None:
+def _check_parts(parts: Tensor, method: str, counts: tuple[int, ...] = (3,)) -> None:
     if (
         not isinstance(parts, Tensor)
         or parts.ndim != 3
-        or parts.shape[0] != 3
+        or parts.shape[0] not in counts
         or not parts.is_floating_point()
     ):
         shape = tuple(parts.shape) if isinstance(parts, Tensor) else type(parts).__name__
+        k = " or ".join(str(c) for c in counts)
         raise ValueError(
-            f"{method} needs the Jacobians [3, T, P] of three independent samples (disjoint parts of the batch), "
+            f"{method} needs the Jacobians [{k}, T, P] of {k} independent samples (disjoint parts of the batch), "
             f"got {shape}."
         )
 
@@ -98,12 +100,17 @@ def modo_weights(M: Tensor, lam: Tensor | None, *, gamma: float = 0.1, rho: floa
 def modo_direction(
     parts: Tensor, lam: Tensor | None, *, gamma: float = 0.1, rho: float = 0.1
 ) -> tuple[Tensor, Tensor]:
-    """MoDo's step from the Jacobians ``[3, T, P]`` of three independent samples: ``λ⁺`` from parts 0 and 1
-    (:func:`modo_weights` on ``J₀J₁ᵀ``), then the shared direction ``d = J₂ᵀλ⁺`` of part 2.
+    """MoDo's step from the Jacobians ``[k, T, P]`` of ``k = 2`` or ``3`` independent samples: ``λ⁺`` from parts
+    0 and 1 (:func:`modo_weights` on ``J₀J₁ᵀ``), then the shared direction with ``λ⁺``:
+
+    - ``k = 2`` (the paper's update, JMLR 2024 eq. (2.9b) as TorchJD cites it): ``d = ½(J₀ + J₁)ᵀλ⁺``, the
+      gradient of the mean of the two samples' losses;
+    - ``k = 3`` (LibMTL's, and the authors' code with three gradients): ``d = J₂ᵀλ⁺`` of a third sample.
 
     Returns:
         ``(d [P]`` in the dtype of ``parts``, ``λ⁺ [T]`` float64``)``.
     """
-    _check_parts(parts, _METHOD)
+    _check_parts(parts, _METHOD, counts=(2, 3))
     new = modo_weights(cross_gramian(parts[0], parts[1]), lam, gamma=gamma, rho=rho)
-    return new.to(parts.dtype) @ parts[2], new
+    direction = parts[2] if parts.shape[0] == 3 else 0.5 * (parts[0] + parts[1])
+    return new.to(parts.dtype) @ direction, new

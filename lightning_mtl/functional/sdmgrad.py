@@ -48,11 +48,12 @@ def sdmgrad_weights(
     ``min_{w∈Δ} ½‖J_ξᵀw + λḡ‖²`` (``ḡ = mean gᵢ``), whose stochastic gradient is ``M(w + λ/T·1)`` with
     ``M = J_ξJ_ξ′ᵀ`` (:func:`~lightning_mtl.functional.modo.cross_gramian` of two independent samples).
 
-    As the authors' code (and LibMTL, TorchJD): ``M`` is first divided by ``s²``, ``s`` the mean of ``√Mᵢᵢ``
-    (negative diagonal entries, possible since ``M`` is not PSD, count as 0), which makes ``lr`` independent of
-    the gradients' scale; each step is ``v ← μv + g`` (``v = g`` on the first step: a fresh ``torch.optim.SGD``
-    per call), ``w ← Π_Δ(w − lr·v)``. LibMTL and TorchJD add ``1e-8`` to ``s²``; here ``M`` is left unscaled only
-    when ``s = 0``, so the result is exactly invariant to the scale of the losses.
+    As LibMTL and TorchJD 0.18: ``M`` is first divided by ``s²``, ``s`` the mean of ``√Mᵢᵢ`` (negative
+    diagonal entries, possible since ``M`` is not PSD, count as 0), which makes ``lr`` independent of the
+    gradients' scale; each step is ``v ← μv + g`` (``v = g`` on the first step: a fresh ``torch.optim.SGD``
+    per call), ``w ← Π_Δ(w − lr·v)``. LibMTL and TorchJD add ``1e-8`` to ``s²``, and the authors' code
+    (OptMN-Lab/sdmgrad) takes ``s`` as the mean of ``√(Mᵢᵢ + 1e-4)``; here ``M`` is left unscaled only when
+    ``s = 0``, so the result is exactly invariant to the scale of the losses.
 
     Args:
         M: ``[T, T]``.

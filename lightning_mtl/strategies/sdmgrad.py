@@ -25,8 +25,8 @@ class SDMGrad(SimplexStateDirection):
 
         d = (J_ζᵀw + λḡ_ζ)/(1 + λ)
 
-    As in the authors' code, ``M = J_ξJ_ξ′ᵀ`` is divided by the square of the mean of ``√Mᵢᵢ`` before the
-    inner loop (so that ``lr`` does not depend on the gradients' scale); see
+    As in the authors' code, LibMTL and TorchJD, ``M = J_ξJ_ξ′ᵀ`` is divided by the square of the mean of ``√Mᵢᵢ``
+    before the inner loop (so that ``lr`` does not depend on the gradients' scale); see
     :func:`~lightning_mtl.functional.sdmgrad.sdmgrad_weights`. The inner loop runs in float64 on the device of
     the gradients, without host synchronisation.
 

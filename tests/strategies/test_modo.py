@@ -66,14 +66,25 @@ def test_hand_computed_step_that_reaches_a_vertex():
     assert lam.tolist() == [0.0, 1.0]
 
 
-def test_the_update_in_a_fit_equals_the_rule_on_the_parts_jacobians():
-    # one SGD step (lr 0.05) on a batch of 12: parts are rows 0-3, 4-7, 8-11; the encoder moves by −lr·J₂ᵀλ⁺
-    # with λ⁺ from J₀J₁ᵀ, the heads by −lr·∇ΣLᵢ of the whole batch
+def test_hand_computed_two_sample_step():
+    # the paper's update: λ⁺ from J₀J₁ᵀ as above, then d = ½(J₀ + J₁)ᵀλ⁺
+    # J₀ = I, J₁ = diag(2, 1): λ⁺ = (0.475, 0.525) (first test); ½(J₀ + J₁) = diag(1.5, 1) -> d = (0.7125, 0.525)
+    parts = torch.stack([_t([[1, 0], [0, 1]]), _t([[2, 0], [0, 1]])])
+    d, lam = modo_direction(parts, None, gamma=0.1, rho=0.1)
+    torch.testing.assert_close(lam, _t([0.475, 0.525]))
+    torch.testing.assert_close(d, _t([0.7125, 0.525]))
+
+
+@pytest.mark.parametrize("samples", [2, 3])
+def test_the_update_in_a_fit_equals_the_rule_on_the_parts_jacobians(samples):
+    # one SGD step (lr 0.05) on a batch of 12: parts are rows 0-5, 6-11 (samples=2) or 0-3, 4-7, 8-11 (3); the
+    # encoder moves by −lr·d with λ⁺ from J₀J₁ᵀ and d = ½(J₀ + J₁)ᵀλ⁺ or J₂ᵀλ⁺, the heads by −lr·∇ΣLᵢ of the
+    # whole batch
     data = make_data(n=12)
     reference = ConflictNet()
-    parts, head_grad = _part_jacobians(reference, data.tensors)
+    parts, head_grad = _part_jacobians(reference, data.tensors, k=samples)
     d, lam = modo_direction(parts.double(), None, gamma=0.5, rho=0.1)
-    model, strategy = ConflictNet(), MoDo(gamma=0.5, rho=0.1)
+    model, strategy = ConflictNet(), MoDo(gamma=0.5, rho=0.1, samples=samples)
     trainer(max_steps=1, callbacks=[strategy]).fit(model, loader(data, batch_size=12))
     shared0 = torch.cat([p.detach().flatten() for p in reference.encoder.parameters()])
     heads0 = torch.cat([p.detach().flatten() for p in reference.heads.parameters()])
@@ -87,19 +98,23 @@ def test_the_update_in_a_fit_equals_the_rule_on_the_parts_jacobians():
 
 
 # ------------------------------------------------------------------------------------------ TorchJD
-def test_matches_torchjd_modo_weighting_over_several_steps():
+@pytest.mark.parametrize("samples", [2, 3])
+def test_matches_torchjd_modo_weighting_over_several_steps(samples):
+    # TorchJD's two examples: two batches (the parameter step on the mean of both batches' losses, "MoDo as
+    # described in the paper") and three (the parameter step on the third batch)
     from torchjd.aggregation import MoDoWeighting
 
     g = torch.Generator().manual_seed(0)
     reference = MoDoWeighting(gamma=0.05, rho=0.1)
     lam = None
     for _ in range(6):
-        parts = torch.randn(3, 4, 9, generator=g, dtype=F64)
+        parts = torch.randn(samples, 4, 9, generator=g, dtype=F64)
         M = cross_gramian(parts[0], parts[1])
         expected = reference(M)
         d, lam = modo_direction(parts, lam, gamma=0.05, rho=0.1)
         torch.testing.assert_close(lam, expected, atol=1e-12, rtol=0)
-        torch.testing.assert_close(d, expected @ parts[2], atol=1e-12, rtol=0)
+        step = parts[2] if samples == 3 else (parts[0] + parts[1]) / 2.0
+        torch.testing.assert_close(d, expected @ step, atol=1e-12, rtol=0)
 
 
 def test_projection_matches_torchjd_and_the_moco_projection():
@@ -177,11 +192,14 @@ def test_a_fit_trains_and_the_logged_weights_are_lambda():
     assert float((w - 1 / 3).abs().max()) > 1e-3
 
 
-def test_a_batch_that_cannot_be_split_into_three_is_a_clear_error():
+@pytest.mark.parametrize("samples", [2, 3])
+def test_a_batch_that_cannot_be_split_into_the_samples_is_a_clear_error(samples):
     with pytest.raises(
-        ValueError, match=r"MoDo takes 3 independent gradient samples.*batch size of at least 3"
+        ValueError, match=rf"MoDo takes {samples} independent gradient samples.*batch size of at least {samples}"
     ):
-        trainer(max_steps=1, callbacks=[MoDo()]).fit(TinyNet(), loader(make_data(n=8), batch_size=2))
+        trainer(max_steps=1, callbacks=[MoDo(samples=samples)]).fit(
+            TinyNet(), loader(make_data(n=8), batch_size=samples - 1)
+        )
 
 
 def test_a_batch_size_not_divisible_by_three_gives_unequal_parts_and_trains():
@@ -210,7 +228,7 @@ def test_accumulation_trains_and_updates_lambda_once_per_window(accumulate):
     before = _mean_loss(model)
     trainer(max_epochs=4, callbacks=[strategy]).fit(model, loader(make_data(n=48), batch_size=6))
     assert _mean_loss(model) < before
-    assert len(seen) == 4 * math.ceil(8 / accumulate) and all(s[:2] == (3, 3) for s in seen)
+    assert len(seen) == 4 * math.ceil(8 / accumulate) and all(s[:2] == (2, 3) for s in seen)
     assert float(strategy.weights_tensor().sum()) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -341,6 +359,9 @@ def test_local_sync_keeps_every_rank_identical(tmp_path):
         (dict(gamma=True), "gamma.*True"),
         (dict(rho=-0.1), "rho.*>= 0.*-0.1"),
         (dict(rho=math.nan), "rho.*nan"),
+        (dict(samples=1), "samples must be 2.*or 3.*got 1"),
+        (dict(samples=4), "samples must be 2.*got 4"),
+        (dict(samples=True), "samples.*got True"),
     ],
 )
 def test_bad_hyper_parameters(kwargs, match):
@@ -349,8 +370,8 @@ def test_bad_hyper_parameters(kwargs, match):
 
 
 def test_functional_bad_input():
-    with pytest.raises(ValueError, match=r"MoDo needs the Jacobians \[3, T, P\].*\(2, 3, 4\)"):
-        modo_direction(torch.zeros(2, 3, 4), None)
+    with pytest.raises(ValueError, match=r"MoDo needs the Jacobians \[2 or 3, T, P\].*\(4, 3, 4\)"):
+        modo_direction(torch.zeros(4, 3, 4), None)
     with pytest.raises(ValueError, match=r"lam must have shape \[3\]"):
         modo_weights(torch.zeros(3, 3), torch.ones(2) / 2)
     with pytest.raises(ValueError, match="gamma must be a finite number > 0 for MoDo"):

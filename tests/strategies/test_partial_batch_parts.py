@@ -59,7 +59,7 @@ def test_a_task_labelled_in_one_part_only_uses_its_labelled_gradient_in_every_pa
     net = FirstThirdLabels(lr=lr)
     reference = FirstThirdLabels(lr=lr)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    strategy = MoDo(gamma=gamma, rho=0.0)
+    strategy = MoDo(gamma=gamma, rho=0.0, samples=3)
     with pytest.warns(
         RuntimeWarning, match=r"MoDo: task\(s\) \['b'\] had no labelled sample in some of the 3"
     ):

@@ -73,7 +73,7 @@ STRATEGIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ExcessMTL": ("excess_mtl", "ExcessMTL", {}),
     "MoCo": ("moco", "MoCo", {}),
     "DBMTL": ("dbmtl", "DBMTL", {}),
-    "MoDo": ("modo", "MoDo", {}),  # 3 disjoint batch parts: a batch size divisible by 3 keeps them equal
+    "MoDo": ("modo", "MoDo", {}),  # 2 disjoint batch parts (samples=2): an even batch size keeps them equal
     "SDMGrad": ("sdmgrad", "SDMGrad", {}),
 }
 

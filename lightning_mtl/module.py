@@ -63,6 +63,8 @@ class _PartLosses(NamedTuple):
     counts: Tensor | None  # partial labels: each part's labelled counts averaged over ranks [k, T]
     global_losses: Tensor  # [T], detached, identical on every rank
     mean_counts: Tensor | None  # partial labels: the whole batch's labelled counts averaged over ranks [T]
+    # without partial labels: each part's loss rows and marked representation (the Jacobian through it)
+    rows: list[tuple[list[Tensor], Tensor | None]] | None = None
 
 
 class MultiTaskModule(pl.LightningModule):
@@ -285,10 +287,12 @@ class MultiTaskModule(pl.LightningModule):
         part_counts: Tensor | None = None
         global_losses: Tensor | None = None
         mean_counts: Tensor | None = None
+        part_rows: list[tuple[list[Tensor], Tensor | None]] | None = None
         if strategy.batch_parts > 1:  # independent gradient samples (MoDo, SDMGrad)
             parts = self._part_losses(strategy, batch, batch_idx)
             stacked, part_losses, sizes, outputs_list = parts.whole, parts.losses, parts.sizes, parts.outputs
             part_counts, global_losses, mean_counts = parts.counts, parts.global_losses, parts.mean_counts
+            part_rows = parts.rows
         else:
             stacked, outputs, counts = self._training_losses(batch, batch_idx)
             outputs_list = [outputs]
@@ -318,6 +322,7 @@ class MultiTaskModule(pl.LightningModule):
                 present,
                 part_counts,
                 None if part_losses is not None else self._loss_rows,
+                part_rows,
             )
             # --- metrics & diagnostics hooks (lightning_mtl.metrics, lightning_mtl.callbacks) ---
             if self.task_metrics is not None:
@@ -355,6 +360,7 @@ class MultiTaskModule(pl.LightningModule):
             ) from err
         sizes = part_sizes(batch, k)
         part_losses, part_counts, plain, outputs_list = [], [], [], []
+        rows: list[tuple[list[Tensor], Tensor | None]] = []
         for piece in pieces:
             self._shared_representation = None
             losses, outputs, counts = self._training_losses(piece, batch_idx)
@@ -362,11 +368,14 @@ class MultiTaskModule(pl.LightningModule):
             part_counts.append(counts)
             plain.append([True] * len(self.task_names) if counts is None else self._plain_losses)
             outputs_list.append(outputs)
+            if self._loss_rows is not None:
+                rows.append((self._loss_rows, self._shared_representation))
         if all(c is None for c in part_counts):
             n = sum(sizes)
             whole = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
             global_losses = reduce_mean(self.trainer, whole.detach())
-            return _PartLosses(whole, part_losses, sizes, outputs_list, None, global_losses, None)
+            whole_rows = rows if len(rows) == k else None
+            return _PartLosses(whole, part_losses, sizes, outputs_list, None, global_losses, None, whole_rows)
         # partial labels: every part's labelled mean, exact over ranks. A plain (not masked_mean) loss is the mean
         # over its part: it counts as the part's size, so that plain losses are size-weighted as without partial labels
         counts = torch.stack(

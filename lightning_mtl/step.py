@@ -72,6 +72,8 @@ class StepContext:
         loss_rows: the ``T`` scalar losses that ``losses`` stacks (``losses[i]`` is ``loss_rows[i]``), so that
             one task's graph can be back-propagated alone (the Jacobian engine's split through the marked
             representation); ``None`` with partial labels or batch parts.
+        part_rows: with batch parts and no partial labels, each part's ``(loss_rows, marked representation or
+            None)``, for the same split of each part's Jacobian; ``None`` otherwise.
         present: with partial labels, which tasks are labelled on some rank this step (``[T]`` bools, identical
             on every rank); ``None`` when every task is. An absent task's loss is 0 with no gradient: the strategy
             gives it weight 0 and leaves its state for that task untouched.
@@ -91,6 +93,7 @@ class StepContext:
         present: list[bool] | None = None,
         part_counts: Tensor | None = None,
         loss_rows: list[Tensor] | None = None,
+        part_rows: list[tuple[list[Tensor], Tensor | None]] | None = None,
     ) -> None:
         self.module = module
         self.losses = losses
@@ -104,6 +107,7 @@ class StepContext:
         self.present = present
         self.part_counts = part_counts
         self.loss_rows = loss_rows
+        self.part_rows = part_rows
 
     @property
     def present_indices(self) -> list[int]:

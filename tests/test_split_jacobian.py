@@ -19,7 +19,8 @@ from lightning_mtl.gradients.jacobian import (
     split_jacobian,
     split_plan,
 )
-from lightning_mtl.strategies import MGDA, PCGrad, UPGrad
+from lightning_mtl.strategies import MGDA, PCGrad, SDMGrad, UPGrad
+from lightning_mtl.strategies.modo import MoDo
 
 jacobian_module = importlib.import_module(
     "lightning_mtl.gradients.jacobian"
@@ -131,8 +132,13 @@ class ManyHeads(MultiTaskModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-@pytest.mark.parametrize("strategy", [UPGrad, MGDA, PCGrad])
+@pytest.mark.parametrize(
+    "strategy",
+    [UPGrad, MGDA, PCGrad, MoDo, lambda: MoDo(samples=3), SDMGrad],
+    ids=["UPGrad", "MGDA", "PCGrad", "MoDo", "MoDo-3", "SDMGrad"],
+)
 def test_training_through_the_split_equals_training_without_it(monkeypatch, strategy):
+    # MoDo and SDMGrad: each batch part's Jacobian through that part's marked representation
     data = DataLoader(make_data(n=48), batch_size=16)
     calls = []
     real = jacobian_module.split_jacobian

@@ -238,7 +238,13 @@ class TaskGradients:
         assert ctx.part_losses is not None and ctx.part_sizes is not None
         scale = grad_scale(ctx.trainer)
         params = self.parameters(ctx.module)
-        parts = torch.stack([self._engine(L, params, scale).detach() for L in ctx.part_losses])  # [k, T, P]
+        rows = ctx.part_rows or [(None, None)] * len(ctx.part_losses)
+        parts = torch.stack(  # [k, T, P]; each part's through its marked representation where possible
+            [
+                self._engine(L, params, scale, rows=part_rows, through=z).detach()
+                for L, (part_rows, z) in zip(ctx.part_losses, rows, strict=True)
+            ]
+        )
         T = parts.shape[1]
         if ctx.part_counts is None:  # each part's share of the batch, the same for every task
             sizes = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)

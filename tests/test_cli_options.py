@@ -205,3 +205,24 @@ def test_compare_with_a_config_honours_its_epochs_strategy_and_callbacks(tmp_pat
     assert sorted(p.name for p in (out / "tb").iterdir()) == ["EqualWeighting"]  # the old DWA run is gone
     steps = json.loads((out / ".records" / "EqualWeighting.json").read_text())["loss_steps"]
     assert len(steps) == len(data.train_dataloader())
+
+
+def test_quiet_lightning_restores_the_logging_and_warning_filters():
+    # run_compare silences Lightning while it runs; a program that calls it keeps its own logging afterwards
+    import logging
+    import warnings
+
+    from lightning_mtl.cli.compare import quiet_lightning
+
+    logger = logging.getLogger("lightning.pytorch")
+    saved = logger.level
+    logger.setLevel(logging.INFO)
+    filters = list(warnings.filters)
+    try:
+        with quiet_lightning():
+            assert logger.level == logging.ERROR
+            assert len(warnings.filters) > len(filters)
+        assert logger.level == logging.INFO
+        assert warnings.filters == filters
+    finally:
+        logger.setLevel(saved)

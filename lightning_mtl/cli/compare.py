@@ -9,7 +9,8 @@ import logging
 import math
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,28 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def quiet_lightning() -> None:
-    """Silences Lightning's info logs and the warnings that do not apply to a comparison's small runs."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for message in ("does not have many workers", "LeafSpec", "The number of training batches", "litlogger"):
-        warnings.filterwarnings("ignore", message=f".*{message}.*")
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silences Lightning's info logs and the warnings that do not apply to a comparison's small runs, for the
+    duration of the ``with`` block: the loggers' levels and the warning filters are restored afterwards (a
+    program that calls :func:`run_compare` keeps its own logging)."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        for message in (
+            "does not have many workers",
+            "LeafSpec",
+            "The number of training batches",
+            "litlogger",
+        ):
+            warnings.filterwarnings("ignore", message=f".*{message}.*")
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _fit(
@@ -183,8 +200,13 @@ def _baselines(
 
 
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the comparison described by ``args`` (see ``lightning-mtl compare --help``); returns a summary."""
-    quiet_lightning()
+    """Run the comparison described by ``args`` (see ``lightning-mtl compare --help``); returns a summary.
+    Lightning's info logs and inapplicable warnings are silenced while it runs (:func:`quiet_lightning`)."""
+    with quiet_lightning():
+        return _run_compare(args)
+
+
+def _run_compare(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

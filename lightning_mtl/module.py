@@ -122,7 +122,6 @@ class MultiTaskModule(pl.LightningModule):
             TaskMetrics(self.tasks) if any(t.metrics is not None for t in self.tasks) else None
         )
         self._shared_representation: Tensor | None = None  # set by shared_representation() in training
-        self._plain_losses: list[bool] = []  # partial labels: the tasks whose last loss was a plain mean
         # this step's checked losses before the stack (StepContext.loss_rows)
         self._loss_rows: list[Tensor] | None = None
         # (batch, batch_idx, rank-averaged losses) of a window's last micro-batch, for on_post_step_losses
@@ -359,14 +358,13 @@ class MultiTaskModule(pl.LightningModule):
                 f"each training batch, and this batch cannot be split: {err}"
             ) from err
         sizes = part_sizes(batch, k)
-        part_losses, part_counts, plain, outputs_list = [], [], [], []
+        part_losses, part_counts, outputs_list = [], [], []
         rows: list[tuple[list[Tensor], Tensor | None]] = []
         for piece in pieces:
             self._shared_representation = None
             losses, outputs, counts = self._training_losses(piece, batch_idx)
             part_losses.append(losses)
             part_counts.append(counts)
-            plain.append([True] * len(self.task_names) if counts is None else self._plain_losses)
             outputs_list.append(outputs)
             if self._loss_rows is not None:
                 rows.append((self._loss_rows, self._shared_representation))
@@ -377,16 +375,19 @@ class MultiTaskModule(pl.LightningModule):
             whole_rows = rows if len(rows) == k else None
             return _PartLosses(whole, part_losses, sizes, outputs_list, None, global_losses, None, whole_rows)
         # partial labels: every part's labelled mean, exact over ranks. A plain (not masked_mean) loss is the mean
-        # over its part: it counts as the part's size, so that plain losses are size-weighted as without partial labels
-        counts = torch.stack(
-            [torch.ones_like(L) if c is None else c.to(L) for L, c in zip(part_losses, part_counts)]
+        # over its part: it counts as the part's size (_stack_partial; a part without partial losses likewise), so
+        # that plain losses are size-weighted as without partial labels
+        totals = torch.stack(
+            [L if c is not None else L * size for L, c, size in zip(part_losses, part_counts, sizes)]
         )
-        factor = torch.tensor(
-            [[float(size) if p else 1.0 for p in row] for row, size in zip(plain, sizes)],
-            device=counts.device,
+        counts = torch.stack(
+            [
+                c.to(L) if c is not None else torch.full_like(L, float(size))
+                for L, c, size in zip(part_losses, part_counts, sizes)
+            ]
         )
         parts, whole, global_losses, mean_counts, mean_part_counts = combine_parts_over_ranks(
-            self.trainer, torch.stack(part_losses) * factor.to(part_losses[0]), counts * factor
+            self.trainer, totals, counts
         )
         return _PartLosses(
             whole, list(parts.unbind(0)), sizes, outputs_list, mean_part_counts, global_losses, mean_counts
@@ -409,7 +410,9 @@ class MultiTaskModule(pl.LightningModule):
         counts = None
         self._loss_rows = None
         if self._partial or _has_masked_mean(losses):
-            stacked, counts, losses = self._stack_partial(losses, "training", training=True)
+            stacked, counts, losses = self._stack_partial(
+                losses, "training", training=True, size=batch_size(batch)
+            )
         else:
             self._loss_rows = loss_rows(losses, self.task_names, self.device, "training", True)
             stacked = torch.stack(self._loss_rows)
@@ -418,10 +421,12 @@ class MultiTaskModule(pl.LightningModule):
         return stacked, outputs, counts
 
     def _stack_partial(
-        self, losses: Any, stage: str, training: bool
+        self, losses: Any, stage: str, training: bool, size: int = 1
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Partial labels: the labelled totals ``[T]`` (0 for an absent task), the counts ``[T]`` and the present
-        tasks' losses by name (:mod:`lightning_mtl.partial`)."""
+        tasks' losses by name (:mod:`lightning_mtl.partial`). A plain loss (not a ``masked_mean``) is the mean over
+        the batch's ``size`` samples: its total is ``size`` times it and its count ``size``, so that plain losses are
+        size-weighted across ranks and batches as without partial labels, and logged as ``size`` labelled samples."""
         values, absent, masked = unpack_partial(losses, self.tasks)
         present = [n for n in self.task_names if n not in absent]
         if present:
@@ -429,13 +434,15 @@ class MultiTaskModule(pl.LightningModule):
             zero = next(iter(rows.values())).detach().new_zeros(())
         else:  # nothing labelled here: a zero still attached to the model, so that every rank back-propagates
             rows, zero = {}, self._attached_zero(training)
-        stacked = torch.stack([rows.get(n, zero) for n in self.task_names])
-        self._plain_losses = [n in rows and n not in masked for n in self.task_names]  # counted 1 (a mean)
-        one = torch.ones((), device=stacked.device)
+        plain = [n in rows and n not in masked for n in self.task_names]
+        stacked = torch.stack(
+            [rows[n] * size if p else rows.get(n, zero) for n, p in zip(self.task_names, plain)]
+        )
+        full = torch.full((), float(size), device=stacked.device)
         counts = torch.stack(
             [
-                masked[n].to(stacked.device) if n in masked else (one if n in rows else one * 0)
-                for n in self.task_names
+                masked[n].to(stacked.device) if n in masked else (full if p else full * 0)
+                for n, p in zip(self.task_names, plain)
             ]
         )
         return stacked, counts, {n: values[n] for n in present}
@@ -530,7 +537,9 @@ class MultiTaskModule(pl.LightningModule):
         with torch.no_grad(), forward, _lightning.silenced_logging(self):
             losses, _ = split_task_output(self.task_losses(batch, batch_idx))
             if self._partial or _has_masked_mean(losses):  # the labelled samples' mean, exact over ranks
-                totals, counts, _ = self._stack_partial(losses, "training", training=False)
+                totals, counts, _ = self._stack_partial(
+                    losses, "training", training=False, size=batch_size(batch)
+                )
                 _, after, _ = combine_over_ranks(self.trainer, totals.detach().float(), counts)
             else:
                 after = self._stack_losses(losses, "training", training=False).detach().float()
@@ -612,7 +621,7 @@ class MultiTaskModule(pl.LightningModule):
         name = "validation" if stage == "val" else stage
         sizes: float | Tensor
         if self._partial or _has_masked_mean(losses):  # mean over the labelled samples only
-            totals, sizes, _ = self._stack_partial(losses, name, training=False)
+            totals, sizes, _ = self._stack_partial(losses, name, training=False, size=batch_size(batch))
             stacked = (totals / sizes.clamp_min(1)).detach()
         else:
             stacked = self._stack_losses(losses, name, training=False).detach()

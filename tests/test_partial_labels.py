@@ -171,6 +171,8 @@ def test_labelled_counts_are_logged_and_validation_averages_labelled_samples_onl
     labelled = [float(r["train/labelled/b"]) for r in rows if r.get("train/labelled/b")]
     assert labelled[0] == float(first.sum())
     assert all(float(r["train/labelled/c"]) == 0.0 for r in rows if r.get("train/labelled/c"))
+    # a plain loss (task a, labelled everywhere) counts the batch's samples
+    assert all(float(r["train/labelled/a"]) == 16.0 for r in rows if r.get("train/labelled/a"))
     # validation: b's mean over its labelled samples of the whole set; c has none: not logged
     net.eval()
     with torch.no_grad():

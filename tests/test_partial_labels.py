@@ -185,8 +185,20 @@ def test_labelled_counts_are_logged_and_validation_averages_labelled_samples_onl
 
 
 # ------------------------------------------------------------------------------------------ DDP
+# PCGrad and NashMTL take the partial-label path of MGDA and UPGrad (GradientWeighting's present rows), and their
+# full-label DDP cases run by default (test_gradient_ddp.py): their partial-label cases run with `make test-all`
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("make", [EqualWeighting, PCGrad, MGDA, UPGrad, NashMTL], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "make",
+    [
+        EqualWeighting,
+        pytest.param(PCGrad, marks=pytest.mark.ddp_extra),
+        MGDA,
+        UPGrad,
+        pytest.param(NashMTL, marks=pytest.mark.ddp_extra),
+    ],
+    ids=lambda c: c.__name__,
+)
 def test_uneven_label_counts_are_exact_under_ddp(tmp_path, make):
     # task b: mean over every labelled sample of the union batch, not the mean of the ranks' means
     single, rank0, rank1 = ddp_parity_records(

@@ -195,7 +195,8 @@ def test_a_fit_trains_and_the_logged_weights_are_lambda():
 @pytest.mark.parametrize("samples", [2, 3])
 def test_a_batch_that_cannot_be_split_into_the_samples_is_a_clear_error(samples):
     with pytest.raises(
-        ValueError, match=rf"MoDo takes {samples} independent gradient samples.*batch size of at least {samples}"
+        ValueError,
+        match=rf"MoDo takes {samples} independent gradient samples.*batch size of at least {samples}",
     ):
         trainer(max_steps=1, callbacks=[MoDo(samples=samples)]).fit(
             TinyNet(), loader(make_data(n=8), batch_size=samples - 1)

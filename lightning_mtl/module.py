@@ -35,7 +35,7 @@ from lightning_mtl.evaluation import (
 from lightning_mtl.gradients.sharing import Sharing, describe_unreached, find_sharing
 from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
-from lightning_mtl.partial import MaskedMean, combine_over_ranks, combine_parts_over_ranks, unpack_partial
+from lightning_mtl.partial import MaskedMean, combine_over_ranks, combine_part_losses, stack_partial
 from lightning_mtl.regularizers.base import collect_terms
 from lightning_mtl.schedulers import (
     step_schedulers,
@@ -368,29 +368,12 @@ class MultiTaskModule(pl.LightningModule):
             outputs_list.append(outputs)
             if self._loss_rows is not None:
                 rows.append((self._loss_rows, self._shared_representation))
-        if all(c is None for c in part_counts):
-            n = sum(sizes)
-            whole = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
-            global_losses = reduce_mean(self.trainer, whole.detach())
-            whole_rows = rows if len(rows) == k else None
-            return _PartLosses(whole, part_losses, sizes, outputs_list, None, global_losses, None, whole_rows)
-        # partial labels: every part's labelled mean, exact over ranks. A plain (not masked_mean) loss is the mean
-        # over its part: it counts as the part's size (_stack_partial; a part without partial losses likewise), so
-        # that plain losses are size-weighted as without partial labels
-        totals = torch.stack(
-            [L if c is not None else L * size for L, c, size in zip(part_losses, part_counts, sizes)]
+        whole, combined, global_losses, mean_counts, mean_part_counts = combine_part_losses(
+            self.trainer, part_losses, part_counts, sizes
         )
-        counts = torch.stack(
-            [
-                c.to(L) if c is not None else torch.full_like(L, float(size))
-                for L, c, size in zip(part_losses, part_counts, sizes)
-            ]
-        )
-        parts, whole, global_losses, mean_counts, mean_part_counts = combine_parts_over_ranks(
-            self.trainer, totals, counts
-        )
+        full_rows = rows if len(rows) == k and mean_counts is None else None
         return _PartLosses(
-            whole, list(parts.unbind(0)), sizes, outputs_list, mean_part_counts, global_losses, mean_counts
+            whole, combined, sizes, outputs_list, mean_part_counts, global_losses, mean_counts, full_rows
         )
 
     def _training_losses(self, batch: Any, batch_idx: int) -> tuple[Tensor, Any, Tensor | None]:
@@ -423,29 +406,10 @@ class MultiTaskModule(pl.LightningModule):
     def _stack_partial(
         self, losses: Any, stage: str, training: bool, size: int = 1
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Partial labels: the labelled totals ``[T]`` (0 for an absent task), the counts ``[T]`` and the present
-        tasks' losses by name (:mod:`lightning_mtl.partial`). A plain loss (not a ``masked_mean``) is the mean over
-        the batch's ``size`` samples: its total is ``size`` times it and its count ``size``, so that plain losses are
-        size-weighted across ranks and batches as without partial labels, and logged as ``size`` labelled samples."""
-        values, absent, masked = unpack_partial(losses, self.tasks)
-        present = [n for n in self.task_names if n not in absent]
-        if present:
-            rows = dict(zip(present, stack_losses(values, present, self.device, stage, training).unbind()))
-            zero = next(iter(rows.values())).detach().new_zeros(())
-        else:  # nothing labelled here: a zero still attached to the model, so that every rank back-propagates
-            rows, zero = {}, self._attached_zero(training)
-        plain = [n in rows and n not in masked for n in self.task_names]
-        stacked = torch.stack(
-            [rows[n] * size if p else rows.get(n, zero) for n, p in zip(self.task_names, plain)]
+        """:func:`~lightning_mtl.partial.stack_partial` of ``task_losses``' output (``size``: the batch's samples)."""
+        return stack_partial(
+            losses, self.tasks, self.device, stage, training, size, lambda: self._attached_zero(training)
         )
-        full = torch.full((), float(size), device=stacked.device)
-        counts = torch.stack(
-            [
-                masked[n].to(stacked.device) if n in masked else (full if p else full * 0)
-                for n, p in zip(self.task_names, plain)
-            ]
-        )
-        return stacked, counts, {n: values[n] for n in present}
 
     def _attached_zero(self, training: bool) -> Tensor:
         params = [p for p in self.parameters() if p.requires_grad] if training else []

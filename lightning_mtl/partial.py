@@ -16,7 +16,7 @@ with ``C̄ = 0`` (labelled on no rank) is *absent* for the step: loss 0, no grad
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -153,3 +153,76 @@ def combine_parts_over_ranks(
     parts = totals / part_safe.to(totals.dtype)
     whole = totals.sum(0) / whole_safe.to(totals.dtype)
     return parts, whole, mean_totals.sum(0) / whole_safe, whole_counts, part_counts
+
+
+def stack_partial(
+    losses: Any,
+    tasks: Sequence[Any],
+    device: torch.device,
+    stage: str,
+    training: bool,
+    size: int,
+    attached_zero: Callable[[], Tensor],
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``task_losses``' output with partial labels: the labelled totals ``[T]`` (0 for an absent task), the counts
+    ``[T]`` and the present tasks' losses by name.
+
+    A :class:`MaskedMean` gives its total and count. A plain loss (not a ``masked_mean``) is the mean over the
+    batch's ``size`` samples: its total is ``size`` times it and its count ``size``, so that plain losses are
+    size-weighted across ranks and batches as without partial labels, and logged as ``size`` labelled samples.
+    With no task labelled, ``attached_zero()`` (a zero attached to the model) fills the totals, so that every rank
+    still back-propagates.
+    """
+    from lightning_mtl.checks import stack_losses
+
+    names = [task.name for task in tasks]
+    values, absent, masked = unpack_partial(losses, tasks)
+    present = [n for n in names if n not in absent]
+    if present:
+        rows = dict(zip(present, stack_losses(values, present, device, stage, training).unbind()))
+        zero = next(iter(rows.values())).detach().new_zeros(())
+    else:
+        rows, zero = {}, attached_zero()
+    plain = [n in rows and n not in masked for n in names]
+    stacked = torch.stack([rows[n] * size if p else rows.get(n, zero) for n, p in zip(names, plain)])
+    full = torch.full((), float(size), device=stacked.device)
+    counts = torch.stack(
+        [
+            masked[n].to(stacked.device) if n in masked else (full if p else full * 0)
+            for n, p in zip(names, plain)
+        ]
+    )
+    return stacked, counts, {n: values[n] for n in present}
+
+
+def combine_part_losses(
+    trainer: Any, part_losses: Sequence[Tensor], part_counts: Sequence[Tensor | None], sizes: Sequence[int]
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor | None, Tensor | None]:
+    """The losses of a batch's ``k`` disjoint parts (independent gradient samples: MoDo, SDMGrad), each part's
+    ``[T]`` attached, with its labelled counts (``None``: no partial labels in that part) and its size.
+
+    Returns ``(whole, parts, global_losses, mean_counts, mean_part_counts)``: the whole batch's ``[T]`` (attached),
+    each part's ``[T]`` (attached), the global losses ``[T]`` (detached, identical on every rank), and with partial
+    labels the whole batch's ``[T]`` and each part's ``[k, T]`` labelled counts averaged over ranks (``None``
+    otherwise). Without partial labels the whole batch's losses are the parts' size-weighted mean. With them each
+    part's loss is its labelled mean over the union of the ranks' part, exact over ranks
+    (:func:`combine_parts_over_ranks`); a part without partial losses counts each task as the part's size, as
+    :func:`stack_partial` counts a plain loss.
+    """
+    if all(c is None for c in part_counts):
+        n = sum(sizes)
+        whole = sum((L * (size / n) for L, size in zip(part_losses, sizes)), part_losses[0].new_zeros(()))
+        return whole, list(part_losses), reduce_mean(trainer, whole.detach()), None, None
+    totals = torch.stack(
+        [L if c is not None else L * size for L, c, size in zip(part_losses, part_counts, sizes)]
+    )
+    counts = torch.stack(
+        [
+            c.to(L) if c is not None else torch.full_like(L, float(size))
+            for L, c, size in zip(part_losses, part_counts, sizes)
+        ]
+    )
+    parts, whole, global_losses, mean_counts, mean_part_counts = combine_parts_over_ranks(
+        trainer, totals, counts
+    )
+    return whole, list(parts.unbind(0)), global_losses, mean_counts, mean_part_counts

@@ -22,9 +22,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mtl.checks import stack_losses
 from lightning_mtl.step import reduce_mean
 
-__all__ = ["MaskedMean", "combine_over_ranks", "combine_parts_over_ranks", "masked_mean", "unpack_partial"]
+__all__ = [
+    "MaskedMean",
+    "combine_over_ranks",
+    "combine_part_losses",
+    "combine_parts_over_ranks",
+    "masked_mean",
+    "stack_partial",
+    "unpack_partial",
+]
 
 
 class MaskedMean:
@@ -173,8 +182,6 @@ def stack_partial(
     With no task labelled, ``attached_zero()`` (a zero attached to the model) fills the totals, so that every rank
     still back-propagates.
     """
-    from lightning_mtl.checks import stack_losses
-
     names = [task.name for task in tasks]
     values, absent, masked = unpack_partial(losses, tasks)
     present = [n for n in names if n not in absent]

@@ -111,9 +111,8 @@ class _BatchKPI:
         # list state as (train metric, probe, state)
         self._owner: Any = None
         self._probes: list[Metric] = []
-        self._targets: list[
-            tuple[Metric, bool]
-        ] = []  # every probe (sub-)metric, and whether its task is gathered
+        # every probe (sub-)metric, and whether its task is gathered
+        self._targets: list[tuple[Metric, bool]] = []
         self._gathered: list[bool] = []  # per task: has list states, gathered over ranks by torchmetrics
         self._tensor_states: list[tuple[Metric, Metric, str, bool]] = []
         self._list_states: list[tuple[Metric, Metric, str]] = []
@@ -168,10 +167,8 @@ class _BatchKPI:
                 "DTP: no metric state was recorded before this training batch (on_train_batch_start did not run); "
                 "DTP must be attached to the Trainer as a callback, Trainer(callbacks=[DTP(...)])."
             )
-        self._bind(module)
-        summed: list[
-            tuple[Metric, str, Tensor]
-        ] = []  # (probe's metric, state, batch part) to all-reduce by hand
+        # (probe's metric, state, batch part) to all-reduce by hand
+        summed: list[tuple[Metric, str, Tensor]] = []
         for (source, target, state, by_hand), before in zip(self._tensor_states, self._before):
             part = getattr(source, state) - before
             _put(target, state, part)

@@ -32,6 +32,7 @@ from lightning_mtl.evaluation import (
     log_task_metrics,
     num_eval_dataloaders,
 )
+from lightning_mtl.fsdp1 import fsdp1_root
 from lightning_mtl.gradients.sharing import Sharing, describe_unreached, find_sharing
 from lightning_mtl.metrics import TaskMetrics, split_task_output
 from lightning_mtl.nonfinite import NonFiniteGuard, NonFinitePolicy
@@ -334,6 +335,8 @@ class MultiTaskModule(pl.LightningModule):
             # the regularisers' terms (lightning_mtl.regularizers), added by ctx.backward
             collect_terms(trainer, ctx)
             block = getattr(trainer.strategy, "block_backward_sync", None)
+            if fsdp1_root(getattr(trainer.strategy, "model", None)):  # no no_sync() inside FSDP1's forward
+                block = None
             with nullcontext() if is_sync or block is None or trainer.world_size == 1 else block():
                 strategy.backward(ctx)
         self._shared_representation = None  # do not keep this step's graph alive

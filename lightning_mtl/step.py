@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_mtl.fsdp1 import fsdp1_backward
+
 if TYPE_CHECKING:
     from lightning_mtl.module import MultiTaskModule
 
@@ -141,7 +143,9 @@ class StepContext:
         pending = self.module.__dict__.pop(_PENDING, None)
         if pending:
             loss = loss + sum(pending[1:], pending[0]).to(loss.dtype)
-        self.module.manual_backward(loss / self.accumulate_grad_batches, **kwargs)
+        loss = loss / self.accumulate_grad_batches
+        fsdp1_backward(getattr(self.module.trainer.strategy, "model", None), loss)  # Lightning's FSDPStrategy
+        self.module.manual_backward(loss, **kwargs)
 
     def reduce_mean(self, tensor: Tensor) -> Tensor:
         """Mean of ``tensor`` over ranks (see :func:`reduce_mean`)."""

@@ -12,19 +12,26 @@ process on the whole batch, within 1e-5.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import restore_environ
+from shard_helpers import (
+    HEADS,
+    LR,
+    Net,
+    data,
+    losses,
+    one_process_runs,
+    rank_batch,
+    reference,
+    run_torchrun,
+    spawn_two_ranks,
+    weights,
+)
 from torch import nn
 
-from lightning_mtl.functional.mgda import mgda_weights
-from lightning_mtl.functional.pcgrad import pcgrad_weights
-from lightning_mtl.functional.upgrad import upgrad_weights
 from lightning_mtl.gradients import gramian, jacobian
 from lightning_mtl.gradients.sharded import (
     ShardLayout,
@@ -38,76 +45,6 @@ from lightning_mtl.gradients.sharded import (
     sharded_gramian,
 )
 
-T, B, LR = 3, 8, 0.5
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(T))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.trunk(x)
-        return torch.cat([h(z) for h in self.heads], dim=1)
-
-
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, 3, generator=g)
-    y = torch.stack([x[:, 0], -x[:, 0] + 0.5, x[:, 1] * x[:, 2]], dim=1)  # tasks 0 and 1 conflict
-    return x, y
-
-
-def _losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ((net(x) - y) ** 2).mean(dim=0)  # [T]
-
-
-def _net() -> Net:
-    torch.manual_seed(0)
-    return Net()
-
-
-# the three steps: (weights from G, heads)
-def _weights(step: int, G: torch.Tensor) -> torch.Tensor:
-    if step == 0:
-        return upgrad_weights(G)
-    if step == 1:
-        return mgda_weights(G)
-    return pcgrad_weights(G, generator=torch.Generator().manual_seed(3))
-
-
-HEADS = ("plain", "weighted", "plain")
-
-
-def _reference() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-    """One process, the whole batch: the Gramians and the parameters after each step."""
-    net = _net()
-    x, y = _data()
-    grams, params = [], []
-    for step in range(3):
-        L = _losses(net, x, y)
-        shared = list(net.trunk.parameters())
-        J = jacobian(L, shared)
-        G = gramian(J)
-        w = _weights(step, G).to(L)
-        net.zero_grad()
-        if HEADS[step] == "weighted":
-            (w * L).sum().backward()
-        else:  # heads ∇ΣLᵢ, shared Jᵀw
-            c = (w - 1) @ J
-            total, offset = L.sum(), 0
-            for p in shared:
-                total = total + (p * c[offset : offset + p.numel()].view_as(p)).sum()
-                offset += p.numel()
-            total.backward()
-        with torch.no_grad():
-            for p in net.parameters():
-                p -= LR * p.grad
-        grams.append(G)
-        params.append([p.detach().clone() for p in net.parameters()])
-    return grams, params
-
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
@@ -117,25 +54,23 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        net = _net()
+        net = Net()
         fully_shard(net.trunk, mesh=mesh, reshard_after_forward=False)
         fully_shard(net, mesh=mesh, reshard_after_forward=False)
         sharded_trunk = list(net.trunk.parameters())  # DTensors outside the forward/backward
         layout = fsdp_layout(sharded_trunk)
         opt = torch.optim.SGD(net.parameters(), lr=LR)
-        x, y = _data()
-        per = B // world
-        x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        x, y = rank_batch(rank, world)
         grams, params, shard_numels = [], [], []
         for step in range(3):
             opt.zero_grad()
-            L = _losses(net, x, y)
+            L = losses(net, x, y)
             shared = list(net.trunk.parameters())  # unsharded (reshard_after_forward=False)
             assert ShardLayout.of(shared) == layout
             J_s = shard_jacobian(L, shared, layout, block_numel=8 if step == 2 else None)
             shard_numels.append(J_s.shape[1])
             G = sharded_gramian(J_s)
-            w = _weights(step, G).to(L)
+            w = weights(step, G).to(L)
             if HEADS[step] == "weighted":
                 (w * L).sum().backward()
             elif step == 0:  # the correction in the one backward
@@ -148,10 +83,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             params.append([p.full_tensor().detach().clone() for p in net.parameters()])
         check_fsdp_mesh(net, "test")  # a 1-d mesh of all the ranks: no error
         # resharded after the forward (FSDP2's default for a non-root unit): a clear error, not wrong numbers
-        other = _net()
+        other = Net()
         fully_shard(other.trunk, mesh=mesh)
         fully_shard(other, mesh=mesh)
-        L = _losses(other, x, y)
+        L = losses(other, x, y)
         try:
             shard_jacobian(L, list(other.trunk.parameters()))
             error = ""
@@ -171,19 +106,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_sharded_gramian_and_steps_equal_unsharded(tmp_path):
-    with restore_environ():
-        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    grams, params = _reference()
-    for rank in range(2):
-        rec = torch.load(tmp_path / f"rank{rank}.pt")
+    records = spawn_two_ranks(_worker, tmp_path)
+    grams, params = reference()
+    for rank, rec in enumerate(records):
         for step in range(3):
             torch.testing.assert_close(rec["grams"][step], grams[step], atol=1e-5, rtol=1e-5)
             for got, want in zip(rec["params"][step], params[step], strict=True):
@@ -193,7 +120,7 @@ def test_sharded_gramian_and_steps_equal_unsharded(tmp_path):
         assert rec["shard_numels"] == ([24] * 3 if rank == 0 else [14] * 3)
         assert "reshard_after_forward=False" in rec["error"]
     # the steps moved, and UPGrad's weights were not equal (the tasks conflict)
-    assert not torch.allclose(params[0][0], _net().trunk[0].weight)
+    assert not torch.allclose(params[0][0], Net().trunk[0].weight)
 
 
 # ------------------------------------------------------------------------------------------ one process
@@ -211,9 +138,9 @@ def test_layout_matches_torch_chunk(d, world):
 
 
 def test_one_rank_is_the_plain_computation():
-    net = _net()
-    x, y = _data()
-    L = _losses(net, x, y)
+    net = Net()
+    x, y = data()
+    L = losses(net, x, y)
     shared = list(net.trunk.parameters())
     J = jacobian(L, shared)
     layout = ShardLayout.of(shared)
@@ -252,11 +179,9 @@ def test_bad_input_is_a_clear_error():
 )
 @pytest.mark.timeout(300)
 def test_sharded_steps_on_two_gpus(tmp_path):  # pragma: no cover - GPU machines only
-    with restore_environ():
-        mp.spawn(_gpu_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    grams, params = _reference()
-    for rank in range(2):
-        rec = torch.load(tmp_path / f"rank{rank}.pt")
+    records = spawn_two_ranks(_gpu_worker, tmp_path)
+    grams, params = reference()
+    for rec in records:
         for step in range(3):
             torch.testing.assert_close(rec["grams"][step].cpu(), grams[step], atol=1e-5, rtol=1e-5)
             for got, want in zip(rec["params"][step], params[step], strict=True):
@@ -273,23 +198,21 @@ def _gpu_worker(rank: int, world: int, port: int, out: str) -> None:  # pragma: 
     dist.init_process_group("nccl", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cuda", (world,))
-        net = _net().cuda()
+        net = Net().cuda()
         fully_shard(net.trunk, mesh=mesh, reshard_after_forward=False)
         fully_shard(net, mesh=mesh, reshard_after_forward=False)
         sharded_trunk = list(net.trunk.parameters())
         layout = fsdp_layout(sharded_trunk)
         opt = torch.optim.SGD(net.parameters(), lr=LR)
-        x, y = (t.cuda() for t in _data())
-        per = B // world
-        x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        x, y = (t.cuda() for t in rank_batch(rank, world))
         grams, params = [], []
         for step in range(3):
             opt.zero_grad()
-            L = _losses(net, x, y)
+            L = losses(net, x, y)
             shared = list(net.trunk.parameters())
             J_s = shard_jacobian(L, shared, layout, block_numel=8 if step == 2 else None)
             G = sharded_gramian(J_s)
-            w = _weights(step, G.cpu()).to(L)
+            w = weights(step, G.cpu()).to(L)
             if HEADS[step] == "weighted":
                 (w * L).sum().backward()
             elif step == 0:
@@ -352,16 +275,16 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader
 
-    import lightning_mtl.gradients.window as window
+    import lightning_mtl.gradients.sharded as sharded
 
     calls = [0]
-    engine = window.shard_jacobian
+    engine = sharded.shard_jacobian
 
     def counted(*args, **kwargs):  # proves that the sharded engine served the gradient methods
         calls[0] += 1
         return engine(*args, **kwargs)
 
-    window.shard_jacobian = counted
+    sharded.shard_jacobian = counted
     ds = make_data(n=64)
     for label, (factory, representation, kwargs, _) in _lightning_configs().items():
         calls[0] = 0
@@ -389,69 +312,16 @@ def test_lightning_model_parallel_strategy_equals_one_process(tmp_path):
     process x 2B after 2 epochs (1e-5): a loss method (DWA), gradient methods through the sharded engine
     (UPGrad and PCGrad: heads plain, the correction through the shards; MGDA: heads weighted; IMTL: explicit
     head weights; UPGrad with accumulate_grad_batches=2 and with update_every=2) and representation mode (MGDA-UB, unchanged)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from helpers import RepTinyNet, TinyNet, flat_params, make_data, trainer
-    from torch.utils.data import DataLoader, DistributedSampler
-
     epochs, batch = 2, 8
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MASTER_", "RANK", "WORLD_", "LOCAL_", "PL_"))
-    }
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        __file__,
-        str(tmp_path),
-        str(epochs),
-        str(batch),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ds = make_data(n=64)
-    with restore_environ():
-        os.environ.pop("PL_GLOBAL_SEED", None)
-        for label, (factory, representation, kwargs, expected_calls) in _lightning_configs().items():
-            strategy = factory()
-            model = (RepTinyNet if representation else TinyNet)(optimizer="adam", lr=0.01, **kwargs)
-            sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)  # as Lightning's
-            trainer(max_epochs=epochs, callbacks=[strategy]).fit(
-                model, DataLoader(ds, batch_size=2 * batch, sampler=sampler)
-            )
-            saved = torch.load(tmp_path / f"{label}.pt", weights_only=False)
-            assert saved["sharded_calls"] == expected_calls, label
-            torch.testing.assert_close(saved["params"], flat_params(model), atol=1e-5, rtol=0, msg=label)
-            for task, w in strategy.weights.items():
-                assert saved["weights"][task] == pytest.approx(w, abs=1e-5), label
-
-
-def test_fsdp1_is_refused_clearly_for_parameter_mode():
-    """Lightning's FSDPStrategy (FSDP1) flattens parameters: parameter-mode gradient methods refuse it. FSDP1 cannot
-    be built without an accelerator, so the wrapper here is an uninitialised instance (the check is isinstance)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    from lightning_mtl.gradients import TaskGradients
-
-    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
-    torch.nn.Module.__init__(wrapper)
-    holder = torch.nn.Module()
-    holder.body = wrapper
-
-    class Ctx:
-        module = holder
-
-    with pytest.raises(RuntimeError, match=r"UPGrad: the model is wrapped by FSDP1.*Use FSDP2 \(fully_shard"):
-        TaskGradients("UPGrad")._shard_layout(Ctx())
-    TaskGradients("GradDrop", target="representation")._shard_layout(Ctx())  # representation mode: no refusal
+    run_torchrun(__file__, tmp_path, epochs, batch)
+    configs = _lightning_configs()
+    runs = one_process_runs({label: config[:3] for label, config in configs.items()}, epochs, batch)
+    for label, (params, strategy_weights) in runs.items():
+        saved = torch.load(tmp_path / f"{label}.pt", weights_only=False)
+        assert saved["sharded_calls"] == configs[label][3], label
+        torch.testing.assert_close(saved["params"], params, atol=1e-5, rtol=0, msg=label)
+        for task, w in strategy_weights.items():
+            assert saved["weights"][task] == pytest.approx(w, abs=1e-5), label
 
 
 if __name__ == "__main__":  # torchrun rank of test_lightning_model_parallel_strategy_equals_one_process

@@ -50,6 +50,7 @@ from lightning_mtl.functional import gramian
 from lightning_mtl.gradients.jacobian import JacobianEngine
 
 __all__ = [
+    "ParameterShards",
     "ShardLayout",
     "add_to_shard_grads",
     "auto_block_numel",
@@ -403,3 +404,29 @@ def add_to_shard_grads(sharded_params: Sequence[Tensor], c_s: Tensor, layout: Sh
             )
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         g.add_(rows.to(g.dtype))
+
+
+class ParameterShards:
+    """FSDP2: the shared parameters (unsharded, as after the forward) and their ``Shard(0)`` layout; what the
+    gradient window needs (the FSDP1 counterpart is :class:`~lightning_mtl.gradients.flat_sharded.FlatShards`)."""
+
+    def __init__(self, params: Sequence[Tensor], layout: ShardLayout | None = None) -> None:
+        self.params = list(params)
+        self.layout = ShardLayout.of(self.params) if layout is None else layout
+
+    @property
+    def numel(self) -> int:
+        """``P``: the elements of the full parameters."""
+        return self.layout.numel
+
+    def jacobian(
+        self, losses: Tensor, engine: JacobianEngine, scale: float | None, block_numel: int | None = None
+    ) -> Tensor:
+        """``J_s [T, P_s]`` (:func:`shard_jacobian`)."""
+        return shard_jacobian(
+            losses, self.params, self.layout, engine=engine, scale=scale, block_numel=block_numel
+        )
+
+    def term(self, c_s: Tensor) -> Tensor:
+        """The scalar of :func:`shard_term`: ``c_s`` on every rank's shard after FSDP's averaging."""
+        return shard_term(self.params, c_s, self.layout)

@@ -38,17 +38,17 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl.fsdp1 import fsdp1_units
 from lightning_mtl.functional import gramian
+from lightning_mtl.gradients.flat_sharded import FlatShards
 from lightning_mtl.gradients.jacobian import JacobianEngine, JacobianMethod, unflatten
 from lightning_mtl.gradients.lean import LeanGramian, combination_grads, prefers_lean
 from lightning_mtl.gradients.sharded import (
-    ShardLayout,
+    ParameterShards,
     auto_block_numel,
     check_fsdp_mesh,
     fsdp_sharded,
     shard_combination,
-    shard_jacobian,
-    shard_term,
     sharded_gramian,
 )
 from lightning_mtl.gradients.sources import (
@@ -140,8 +140,14 @@ class TaskGradients:
         self._parts_J: Tensor | None = None
         self._lean = False  # this window uses the lean engine (decided at its first micro-batch)
         self._G: Tensor | None = None  # the lean window's Gramian
-        self._layout: ShardLayout | None = None  # FSDP2: _sum is this rank's shard J_s [T, P_s] (sharded.py)
+        # a sharded model (FSDP2: sharded.py, FSDP1: flat_sharded.py): _sum is this rank's shard J_s [T, P_s]
+        self._shards: ParameterShards | FlatShards | None = None
         self.count = 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the current window's model is sharded (FSDP2 or FSDP1): only :meth:`gramian` is available."""
+        return self._shards is not None
 
     def parameters(self, module: nn.Module) -> list[nn.Parameter]:
         """The parameters whose per-task gradients are taken (fixed for the duration of a window)."""
@@ -192,17 +198,10 @@ class TaskGradients:
         known up front); otherwise the losses are kept for :meth:`backward` at the window's end.
         """
         if self.count == 0:
-            self._layout = self._shard_layout(ctx)
-            self._lean = self._layout is None and self.uses_lean(ctx)
-        if self._layout is not None:  # FSDP2: this rank's shard of the rank-averaged J, by parameter blocks
-            J_s = shard_jacobian(
-                ctx.losses,
-                self.parameters(ctx.module),
-                self._layout,
-                engine=self._engine,
-                scale=grad_scale(ctx.trainer),
-                block_numel=self._shard_block(ctx, self._layout),
-            )
+            self._shards = self._shards_of(ctx)
+            self._lean = self._shards is None and self.uses_lean(ctx)
+        if self._shards is not None:  # FSDP: this rank's shard of the rank-averaged J, by parameter blocks
+            J_s = self._shard_jacobian(ctx, self._shards)
             self._sum = J_s.detach() if self._sum is None else self._sum + J_s.detach()
         elif self._lean:  # the work waits for the window's end (one backward of the window's losses)
             if not keep_graph or ctx.part_losses is not None:
@@ -295,9 +294,9 @@ class TaskGradients:
         """The Jacobian ``[T, P]`` of the window's mean losses (of the global batch with ``sync="exact"``)."""
         if self.target != "parameters":
             raise RuntimeError(f"{self.owner}: the Jacobian is only formed for target='parameters'.")
-        if self._layout is not None:
+        if self._shards is not None:
             raise RuntimeError(
-                f"{self.owner}: the model is sharded (FSDP2): each rank holds only its shard of the Jacobian, "
+                f"{self.owner}: the model is sharded (FSDP): each rank holds only its shard of the Jacobian, "
                 "never the whole T × P Jacobian. Only the Gramian-expressible methods (MGDA, UPGrad, PCGrad, ...) "
                 "and the loss-based or representation-mode strategies train a sharded model."
             )
@@ -324,7 +323,7 @@ class TaskGradients:
         on one rank is ``1/(R·k)`` times the local one, and different samples' blocks are orthogonal, so
         ``G = Σ G_local / (R·k)²``.
         """
-        if self.target == "parameters" and self._layout is not None:
+        if self.target == "parameters" and self._shards is not None:
             assert self._sum is not None, "no micro-batch was added"
             return sharded_gramian(self._sum / self.count)
         if self.target == "parameters" and self._lean:
@@ -376,7 +375,7 @@ class TaskGradients:
             return
         if heads == "weighted":
             total = sum((weights.to(L) * L).sum() for L in self._losses)
-        elif self.target == "parameters" and self._layout is not None:
+        elif self.target == "parameters" and self._shards is not None:
             total = sum(L.sum() for L in self._losses) + self._shard_term(ctx, weights - 1)
         elif self.target == "parameters" and self._lean:
             total = sum(L.sum() for L in self._losses) + self._lean_term(ctx, weights - 1)
@@ -392,7 +391,7 @@ class TaskGradients:
 
     def _backward_split(self, ctx: StepContext, weights: Tensor, head_weights: Tensor) -> None:
         """:meth:`backward` with explicit head weights ``h``: heads ``Σ hᵢ∇Lᵢ``, shared part ``Jᵀw``."""
-        if self.target == "parameters" and self._layout is not None:
+        if self.target == "parameters" and self._shards is not None:
             total = sum((head_weights.to(L) * L).sum() for L in self._losses)
             total = total + self._shard_term(ctx, weights - head_weights.to(weights))
         elif self.target == "parameters" and self._lean:
@@ -440,19 +439,11 @@ class TaskGradients:
         if head_weights is None and heads == "weighted":
             ctx.backward((weights.to(losses) * losses).sum())
             return
-        if self._shard_layout(ctx) is not None:  # FSDP2: this micro-batch's J_sᵀ(w − h) on every rank's shard
+        shards = self._shards_of(ctx)
+        if shards is not None:  # FSDP: this micro-batch's J_sᵀ(w − h) on every rank's shard
             h = torch.ones_like(weights) if head_weights is None else head_weights.to(weights)
-            params = self.parameters(ctx.module)
-            layout = ShardLayout.of(params)
-            J_s = shard_jacobian(
-                losses,
-                params,
-                layout,
-                engine=self._engine,
-                scale=grad_scale(ctx.trainer),
-                block_numel=self._shard_block(ctx, layout),
-            )
-            term = shard_term(params, shard_combination(J_s, weights - h), layout)
+            J_s = self._shard_jacobian(ctx, shards)
+            term = shards.term(shard_combination(J_s, weights - h))
             ctx.backward((h.to(losses) * losses).sum() + term)
             return
         if self.uses_lean(ctx):  # this micro-batch's Jᵀ(w − h) by one plain backward, without J
@@ -480,41 +471,42 @@ class TaskGradients:
             ctx.losses.new_zeros(()),
         )
 
-    #: FSDP2: the per-task gradients are taken and reduce-scattered by blocks of at most this many elements
+    #: FSDP: the per-task gradients are taken and reduce-scattered by blocks of at most this many elements
     #: (``None``: :func:`~lightning_mtl.gradients.sharded.auto_block_numel`)
     shard_block_numel: int | None = None
 
-    def _shard_block(self, ctx: StepContext, layout: ShardLayout) -> int | None:
-        if self.shard_block_numel is not None:
-            return self.shard_block_numel
-        return auto_block_numel(int(ctx.losses.shape[0]), layout.numel)
+    def _shard_jacobian(self, ctx: StepContext, shards: ParameterShards | FlatShards) -> Tensor:
+        """This micro-batch's ``J_s``: this rank's shard of the rank-averaged per-task gradients."""
+        block = self.shard_block_numel
+        if block is None:
+            block = auto_block_numel(int(ctx.losses.shape[0]), shards.numel)
+        return shards.jacobian(ctx.losses, self._engine, grad_scale(ctx.trainer), block)
 
-    def _shard_layout(self, ctx: StepContext) -> ShardLayout | None:
-        """FSDP2's layout of the shared parameters over the ranks, or ``None`` when the model is not sharded."""
-        if self.target == "parameters" and _fsdp1_wrapped(ctx.module):
-            raise RuntimeError(
-                f"{self.owner}: the model is wrapped by FSDP1 (Lightning's FSDPStrategy), whose flattened parameters "
-                "the per-task gradients cannot be taken of exactly. Use FSDP2 (fully_shard, e.g. through "
-                "ModelParallelStrategy) for gradient methods in parameter mode, or mode='representation', or a "
-                "loss-based strategy."
-            )
-        if self.target != "parameters" or not fsdp_sharded(ctx.module):
+    def _shards_of(self, ctx: StepContext) -> ParameterShards | FlatShards | None:
+        """The shared parameters' shards when the model is sharded (FSDP2 or FSDP1), ``None`` otherwise."""
+        if self.target != "parameters":
             return None
-        if self.sync != "exact" or ctx.part_losses is not None:
+        strategy = getattr(getattr(ctx, "trainer", None), "strategy", None)
+        units = fsdp1_units(ctx.module, getattr(strategy, "model", None))
+        sharded = bool(units) or fsdp_sharded(ctx.module)
+        if sharded and (self.sync != "exact" or ctx.part_losses is not None):
             raise RuntimeError(
-                f"{self.owner}: a sharded (FSDP2) model needs sync='exact' and no batch parts (each rank holds "
+                f"{self.owner}: a sharded (FSDP) model needs sync='exact' and no batch parts (each rank holds "
                 "only its shard of the per-task gradients)."
             )
+        if units:
+            return FlatShards.of(units, self.parameters(ctx.module), self.owner)
+        if not sharded:
+            return None
         check_fsdp_mesh(ctx.module, self.owner)
-        return ShardLayout.of(self.parameters(ctx.module))
+        return ParameterShards(self.parameters(ctx.module))
 
     def _shard_term(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
-        """FSDP2: a scalar whose gradient, once FSDP has averaged it into the shards, is ``J_sᵀc`` on every
+        """FSDP: a scalar whose gradient, once FSDP has averaged it into the shards, is ``J_sᵀc`` on every
         rank's shard of the shared parameters, times the window's ``count`` (``ctx.backward`` divides by it)."""
-        assert self._sum is not None and self._layout is not None
+        assert self._sum is not None and self._shards is not None
         J_s = self._sum / self.count
-        c_s = shard_combination(J_s, coefficients.to(J_s)) * self.count
-        return shard_term(self.parameters(ctx.module), c_s, self._layout)
+        return self._shards.term(shard_combination(J_s, coefficients.to(J_s)) * self.count)
 
     def _lean_term(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
         """A scalar whose gradient is ``Σ_m J_mᵀc`` (this rank's micro-batches) on the window's parameters and
@@ -528,15 +520,6 @@ class TaskGradients:
     def _representation_term(z: Tensor, c: Tensor) -> Tensor:
         """A scalar whose gradient w.r.t. ``z`` is ``c`` (flat)."""
         return (z.float() * c.view_as(z).float()).sum()
-
-
-def _fsdp1_wrapped(module: nn.Module) -> bool:
-    """Whether FSDP1 (``FullyShardedDataParallel``) wraps ``module`` or one of its submodules."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch without FSDP
-        return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
 
 
 def _dot(params: Sequence[Tensor], grads: Sequence[Tensor], like: Tensor) -> Tensor:

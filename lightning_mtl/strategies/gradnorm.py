@@ -231,9 +231,19 @@ class GradNorm(MTLStrategy):
         if ctx.is_sync_step:
             self._close_window(ctx)
 
+    def _layer_norms(self, ctx: StepContext) -> Tensor:
+        """``‖∇_W Lᵢ‖`` of the window's global batch on the normalised layer ``W`` (``[T]``)."""
+        if self._gradients.sharded:  # FSDP: each rank holds a shard of the layer's gradients; G's diagonal
+            return self._gradients.gramian(ctx).diagonal().sqrt().float()
+        layer_grads = self._gradients.jacobian(ctx)  # [T, |W|]
+        norms = torch.linalg.vector_norm(layer_grads, dim=1)
+        if not bool(torch.isfinite(norms).all()) and bool(torch.isfinite(layer_grads).all()):
+            norms = gramian(layer_grads).diagonal().sqrt().float()  # finite gradients whose norm overflows
+        return norms
+
     def _close_window(self, ctx: StepContext) -> None:
         assert self._learnable is not None
-        layer_grads = self._gradients.jacobian(ctx)  # [T, |W|] of the global batch
+        norms = self._layer_norms(ctx)
         window_losses = self._gradients.losses  # already rank-averaged
         self._gradients.reset()
         present_mask, self._window_present = self._window_present, None
@@ -258,9 +268,6 @@ class GradNorm(MTLStrategy):
             self._initial_sum[rec] += values[rec]
             self._initial_count[rec] += 1
         initial = (self._initial_sum / self._initial_count).to(window_losses)  # NaN for never-labelled tasks
-        norms = torch.linalg.vector_norm(layer_grads, dim=1)
-        if not bool(torch.isfinite(norms).all()) and bool(torch.isfinite(layer_grads).all()):
-            norms = gramian(layer_grads).diagonal().sqrt().float()  # finite gradients whose norm overflows
         unchecked = [i for i in present if i not in self._layer_checked]
         unreached = [self.task_names[i] for i in unchecked if float(norms[i]) == 0]
         if unreached:

@@ -126,19 +126,27 @@ def run_torchrun(test_file: str, *args: Any) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
+def model_class(model: bool | type) -> type:
+    """A configuration's model: ``False`` :class:`TinyNet`, ``True`` :class:`RepTinyNet` (representation mode), or
+    the class given."""
+    if isinstance(model, type):
+        return model
+    return RepTinyNet if model else TinyNet
+
+
 def one_process_runs(
-    configs: dict[str, tuple[Callable[[], Any], bool, dict[str, Any]]], epochs: int, batch: int
+    configs: dict[str, tuple[Callable[[], Any], bool | type, dict[str, Any]]], epochs: int, batch: int
 ) -> dict[str, tuple[torch.Tensor, dict[str, float]]]:
     """label -> (flat parameters, strategy weights) of one process x ``2·batch`` per step, the permutation
-    Lightning's ``DistributedSampler`` gives the ranks (seed 0), for each ``(strategy factory, representation
-    model?, module arguments)``."""
+    Lightning's ``DistributedSampler`` gives the ranks (seed 0), for each ``(strategy factory, model (see
+    :func:`model_class`), module arguments)``."""
     ds = make_data(n=64)
     out = {}
     with restore_environ():
         os.environ.pop("PL_GLOBAL_SEED", None)
-        for label, (factory, representation, kwargs) in configs.items():
+        for label, (factory, model_kind, kwargs) in configs.items():
             strategy = factory()
-            model = (RepTinyNet if representation else TinyNet)(optimizer="adam", lr=0.01, **kwargs)
+            model = model_class(model_kind)(optimizer="adam", lr=0.01, **kwargs)
             sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)  # as Lightning's
             trainer(max_epochs=epochs, callbacks=[strategy]).fit(
                 model, DataLoader(ds, batch_size=2 * batch, sampler=sampler)

@@ -17,11 +17,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import TinyNet
 from shard_helpers import (
     HEADS,
     LR,
     Net,
     losses,
+    model_class,
     one_process_runs,
     rank_batch,
     reference,
@@ -31,6 +33,7 @@ from shard_helpers import (
 )
 from torch import nn
 
+from lightning_mtl import MultiTaskModule
 from lightning_mtl.fsdp1 import fsdp1_units
 from lightning_mtl.gradients.flat_sharded import FlatShards
 from lightning_mtl.gradients.jacobian import JacobianEngine
@@ -139,8 +142,14 @@ def test_fsdp1_sharded_gramian_and_steps_equal_unsharded(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ Lightning (FSDP1)
+class AutoTinyNet(TinyNet):
+    """:class:`TinyNet` without its ``shared_parameters()``: found from the graph, through FSDP1's flat parameters."""
+
+    shared_parameters = MultiTaskModule.shared_parameters
+
+
 def _lightning_configs() -> dict:
-    """label -> (strategy factory, representation model?, module arguments, FSDP units, sharded-engine calls
+    """label -> (strategy factory, model (``shard_helpers.model_class``), module arguments, FSDP units, engine calls
     expected in 2 epochs of 4 steps: one per micro-batch for a parameter-mode gradient method, none otherwise).
     Units ``"linear"``: every ``nn.Linear`` a unit of its own (the root holds no parameter); ``"encoder"``: the
     encoder one unit, the heads in the root's flat parameter."""
@@ -180,6 +189,7 @@ def _lightning_configs() -> dict:
         "UPGrad-every2": (lambda: UPGrad(update_every=2), False, {}, "encoder", 8),  # J_s per micro-batch
         "FAMO": (lambda: make_strategy("FAMO"), False, {}, "linear", 0),  # the post-step forward
         "GradNorm": (lambda: make_strategy("GradNorm"), False, {}, "encoder", 8),
+        "UPGrad-found": (lambda: make_strategy("UPGrad"), AutoTinyNet, {}, "encoder", 8),  # shared found
     }
 
 
@@ -206,7 +216,7 @@ def _cpu_fsdp_strategy(units: str):
 
 
 def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun rank
-    from helpers import RepTinyNet, TinyNet, make_data, trainer
+    from helpers import make_data, trainer
     from torch.utils.data import DataLoader
 
     import lightning_mtl.gradients.flat_sharded as flat_sharded
@@ -220,10 +230,10 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
 
     flat_sharded.FlatShards.jacobian = counted
     ds = make_data(n=64)
-    for label, (factory, representation, kwargs, units, _) in _lightning_configs().items():
+    for label, (factory, model_kind, kwargs, units, _) in _lightning_configs().items():
         calls[0] = 0
         strategy = factory()
-        model = (RepTinyNet if representation else TinyNet)(optimizer="adam", lr=0.01, **kwargs)
+        model = model_class(model_kind)(optimizer="adam", lr=0.01, **kwargs)
         t = trainer(
             max_epochs=epochs,
             accelerator="cpu",

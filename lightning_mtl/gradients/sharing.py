@@ -2,7 +2,8 @@
 
 :func:`find_sharing` walks each task loss's graph (``grad_fn`` → ``next_functions`` → the ``AccumulateGrad`` nodes
 of the leaf parameters) and returns the trainable parameters reached by two or more tasks (shared), by exactly one
-(task-specific) and by none. :class:`~lightning_mtl.MultiTaskModule` uses it on the first training step when a
+(task-specific) and by none. Under FSDP1 (``use_orig_params=True``) a unit's parameters are views of one flat
+parameter: each original parameter is found from the output of the flat parameter's split that the graph reaches. :class:`~lightning_mtl.MultiTaskModule` uses it on the first training step when a
 module neither overrides ``shared_parameters()`` nor holds a :class:`~lightning_mtl.nn.MultiTaskArchitecture`.
 """
 
@@ -16,8 +17,10 @@ from torch import Tensor, nn
 __all__ = ["Sharing", "find_sharing", "reached_leaves"]
 
 
-def reached_leaves(loss: Tensor) -> set[int]:
-    """The ``id`` of every leaf tensor (parameter) that ``loss``'s autograd graph reaches."""
+def reached_leaves(loss: Tensor, originals: dict[int, Tensor] | None = None) -> set[int]:
+    """The ``id`` of every leaf tensor (parameter) that ``loss``'s autograd graph reaches, and of every original
+    parameter of an FSDP1 flat parameter that it reaches (see :func:`_flat_piece`); ``originals`` receives the
+    original parameter of each such id (its module's view during the step is not the parameter itself)."""
     found: set[int] = set()
     stack = [loss.grad_fn]
     seen: set[int] = set()
@@ -29,8 +32,32 @@ def reached_leaves(loss: Tensor) -> set[int]:
         variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
         if isinstance(variable, Tensor):
             found.add(id(variable))
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        for next_fn, index in fn.next_functions:
+            if next_fn is not None and type(next_fn).__name__.startswith("SplitWithSizesBackward"):
+                piece = _flat_piece(next_fn, index)
+                for t in piece:
+                    found.add(id(t))
+                    if originals is not None:
+                        originals[id(t)] = piece[0]
+            stack.append(next_fn)
     return found
+
+
+def _flat_piece(split: object, index: int) -> list[Tensor]:
+    """FSDP1 (``use_orig_params=True``): the original parameter that output ``index`` of ``split`` (the split of an
+    unsharded ``FlatParameter`` into its parameters' views, alignment padding included) is — the parameter and the
+    view its module holds between the forward and the backward — or nothing when ``split`` is not such a split."""
+    nexts = split.next_functions  # type: ignore[attr-defined]
+    if len(nexts) != 1 or nexts[0][0] is None:
+        return []
+    flat = getattr(nexts[0][0], "variable", None)
+    params = getattr(flat, "_params", None)
+    infos = getattr(flat, "_param_infos", None)
+    padding = getattr(flat, "_is_padding_mask", None)
+    if params is None or infos is None or padding is None or not 0 <= index < len(padding) or padding[index]:
+        return []
+    j = sum(1 for is_padding in padding[:index] if not is_padding)
+    return [params[j], getattr(infos[j].module, infos[j].param_name)]
 
 
 @dataclass
@@ -69,14 +96,17 @@ class Sharing:
 def find_sharing(module: nn.Module, losses: Mapping[str, Tensor]) -> Sharing:
     """The trainable parameters of ``module`` that the graphs of two or more of ``losses`` reach (shared), of
     exactly one (listed per task) and of none."""
-    reached = {task: reached_leaves(loss) for task, loss in losses.items() if isinstance(loss, Tensor)}
+    originals: dict[int, Tensor] = {}  # FSDP1: a unit's view of a parameter -> the parameter
+    reached = {
+        task: reached_leaves(loss, originals) for task, loss in losses.items() if isinstance(loss, Tensor)
+    }
     sharing = Sharing(task_specific={task: [] for task in reached})
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         tasks = [task for task, ids in reached.items() if id(p) in ids]
         if len(tasks) >= 2:
-            sharing.shared.append((name, p))
+            sharing.shared.append((name, originals.get(id(p), p)))  # type: ignore[arg-type]
         elif len(tasks) == 1:
             sharing.task_specific[tasks[0]].append(name)
         else:

@@ -248,6 +248,19 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
             {"local": local, "weights": strategy.weights, "sharded_calls": calls[0]},
             os.path.join(out, f"{label}.rank{t.global_rank}.pt"),
         )
+    # a method that needs the Jacobian itself: a clear error on a sharded model, not wrong numbers
+    from lightning_mtl.cli.registry import make_strategy
+
+    strategy = _cpu_fsdp_strategy("linear")
+    t = trainer(
+        max_epochs=1, accelerator="cpu", devices=2, strategy=strategy, callbacks=[make_strategy("MoCo")]
+    )
+    try:
+        t.fit(TinyNet(), DataLoader(ds, batch_size=batch))
+        error = ""
+    except RuntimeError as err:
+        error = str(err)
+    torch.save(error, os.path.join(out, f"MoCo.rank{t.global_rank}.pt"))
 
 
 @pytest.mark.timeout(600)
@@ -271,6 +284,8 @@ def test_lightning_fsdp_strategy_equals_one_process(tmp_path):
         torch.testing.assert_close(got, params, atol=1e-5, rtol=0, msg=label)
         for task, w in strategy_weights.items():
             assert ranks[0]["weights"][task] == pytest.approx(w, abs=1e-5), label
+    for rank in range(2):
+        assert "MoCo: the model is sharded (FSDP)" in torch.load(tmp_path / f"MoCo.rank{rank}.pt"), rank
 
 
 def test_fsdp1_needs_exact_sync_and_no_batch_parts():

@@ -9,6 +9,7 @@ Python branch): a strategy can run them every step on the accelerator.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -98,7 +99,12 @@ def modo_weights(M: Tensor, lam: Tensor | None, *, gamma: float = 0.1, rho: floa
 
 
 def modo_direction(
-    parts: Tensor, lam: Tensor | None, *, gamma: float = 0.1, rho: float = 0.1
+    parts: Tensor,
+    lam: Tensor | None,
+    *,
+    gamma: float = 0.1,
+    rho: float = 0.1,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MoDo's step from the Jacobians ``[k, T, P]`` of ``k = 2`` or ``3`` independent samples: ``λ⁺`` from parts
     0 and 1 (:func:`modo_weights` on ``J₀J₁ᵀ``), then the shared direction with ``λ⁺``:
@@ -107,10 +113,14 @@ def modo_direction(
       gradient of the mean of the two samples' losses;
     - ``k = 3`` (LibMTL's, and the authors' code with three gradients): ``d = J₂ᵀλ⁺`` of a third sample.
 
+    ``reduce`` (optional) completes ``J₀J₁ᵀ`` before its use: on a sharded model ``parts`` are a column shard of
+    the Jacobians and ``reduce`` sums the shards' products over the ranks (``d`` is then this shard's).
+
     Returns:
         ``(d [P]`` in the dtype of ``parts``, ``λ⁺ [T]`` float64``)``.
     """
     _check_parts(parts, _METHOD, counts=(2, 3))
-    new = modo_weights(cross_gramian(parts[0], parts[1]), lam, gamma=gamma, rho=rho)
+    M = cross_gramian(parts[0], parts[1])
+    new = modo_weights(M if reduce is None else reduce(M), lam, gamma=gamma, rho=rho)
     direction = parts[2] if parts.shape[0] == 3 else 0.5 * (parts[0] + parts[1])
     return new.to(parts.dtype) @ direction, new

@@ -9,6 +9,7 @@ synchronisation (no ``.item()``, no data-dependent Python branch); the simplex p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -108,17 +109,21 @@ def sdmgrad_direction(
     lr: float = 10.0,
     momentum: float = 0.5,
     n_iter: int = 20,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SDMGrad's step from the Jacobians ``[3, T, P]`` of three independent samples: ``w⁺`` from parts 0 and 1
     (``ξ``, ``ξ′``: :func:`sdmgrad_weights` on ``J₀J₁ᵀ``), then ``d = (J₂ᵀw⁺ + λḡ₂)/(1 + λ)`` on part 2 (``ζ``).
+
+    ``reduce`` (optional) completes ``J₀J₁ᵀ`` before its use: on a sharded model ``parts`` are a column shard of
+    the Jacobians and ``reduce`` sums the shards' products over the ranks (``d`` is then this shard's).
 
     Returns:
         ``(d [P]`` in the dtype of ``parts``, ``w⁺ [T]`` float64, the coefficients ``c [T]`` float64 with
         ``d = J₂ᵀc``).
     """
     _check_parts(parts, _METHOD)
-    new = sdmgrad_weights(
-        cross_gramian(parts[0], parts[1]), w, lam=lam, lr=lr, momentum=momentum, n_iter=n_iter
-    )
+    M = cross_gramian(parts[0], parts[1])
+    M = M if reduce is None else reduce(M)
+    new = sdmgrad_weights(M, w, lam=lam, lr=lr, momentum=momentum, n_iter=n_iter)
     c = sdmgrad_coefficients(new, lam)
     return c.to(parts.dtype) @ parts[2], new, c

@@ -72,7 +72,7 @@ class FlatShards:
     def of(cls, units: Sequence[nn.Module], params: Sequence[Tensor], owner: str) -> FlatShards:
         """The units of ``units`` (every FSDP1 instance of the model) that hold ``params``, with a clear error
         for a layout the exact computation does not cover."""
-        from torch.distributed.fsdp._flat_param import FlatParameter, HandleShardingStrategy
+        from torch.distributed.fsdp._flat_param import HandleShardingStrategy
 
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
@@ -100,9 +100,8 @@ class FlatShards:
                     f"of the {world} ranks; the sharded per-task gradients need FSDP over all the ranks."
                 )
             handles.append(handle)
-        where: dict[
-            int, tuple[Any, int | None]
-        ] = {}  # id(param) -> (handle, its element range index or None)
+        # id(param) -> (its unit's handle, its index among the unit's parameters; None for the flat parameter)
+        where: dict[int, tuple[Any, int | None]] = {}
         for handle in handles:
             fp = handle.flat_param
             where[id(fp)] = (handle, None)
@@ -121,12 +120,6 @@ class FlatShards:
                     "flat parameters."
                 )
             handle, j = where[id(p)]
-            if not isinstance(
-                handle.flat_param, FlatParameter
-            ):  # pragma: no cover - another torch's internals
-                raise RuntimeError(
-                    f"{owner}: an FSDP1 unit has no FlatParameter; this torch is not supported."
-                )
             entry = selected.setdefault(id(handle), (handle, set()))
             if j is None or entry[1] is None:
                 selected[id(handle)] = (handle, None)

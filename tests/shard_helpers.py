@@ -134,10 +134,17 @@ def model_class(model: bool | type) -> type:
     return RepTinyNet if model else TinyNet
 
 
+def module_and_batch(kwargs: dict[str, Any], batch: int) -> tuple[dict[str, Any], int]:
+    """A configuration's module arguments and per-rank batch size (``kwargs["batch_size"]``, default
+    ``batch``; the loaders drop a last incomplete batch, so that every step's parts split evenly)."""
+    module_kwargs = {k: v for k, v in kwargs.items() if k != "batch_size"}
+    return module_kwargs, int(kwargs.get("batch_size", batch))
+
+
 def one_process_runs(
     configs: dict[str, tuple[Callable[[], Any], bool | type, dict[str, Any]]], epochs: int, batch: int
 ) -> dict[str, tuple[torch.Tensor, dict[str, float]]]:
-    """label -> (flat parameters, strategy weights) of one process x ``2·batch`` per step, the permutation
+    """label -> (flat parameters, strategy weights) of one process x twice the per-rank batch per step, the permutation
     Lightning's ``DistributedSampler`` gives the ranks (seed 0), for each ``(strategy factory, model (see
     :func:`model_class`), module arguments)``."""
     ds = make_data(n=64)
@@ -146,11 +153,11 @@ def one_process_runs(
         os.environ.pop("PL_GLOBAL_SEED", None)
         for label, (factory, model_kind, kwargs) in configs.items():
             strategy = factory()
-            model = model_class(model_kind)(optimizer="adam", lr=0.01, **kwargs)
+            module_kwargs, rank_batch_size = module_and_batch(kwargs, batch)
+            model = model_class(model_kind)(optimizer="adam", lr=0.01, **module_kwargs)
             sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)  # as Lightning's
-            trainer(max_epochs=epochs, callbacks=[strategy]).fit(
-                model, DataLoader(ds, batch_size=2 * batch, sampler=sampler)
-            )
+            loader = DataLoader(ds, batch_size=2 * rank_batch_size, sampler=sampler, drop_last=True)
+            trainer(max_epochs=epochs, callbacks=[strategy]).fit(model, loader)
             out[label] = (flat_params(model), dict(strategy.weights))
     return out
 

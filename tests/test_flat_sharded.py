@@ -24,6 +24,7 @@ from shard_helpers import (
     Net,
     losses,
     model_class,
+    module_and_batch,
     one_process_runs,
     rank_batch,
     reference,
@@ -156,6 +157,8 @@ def _lightning_configs() -> dict:
     from lightning_mtl.cli.registry import make_strategy
     from lightning_mtl.strategies.imtl import IMTL
     from lightning_mtl.strategies.mgda import MGDA
+    from lightning_mtl.strategies.modo import MoDo
+    from lightning_mtl.strategies.sdmgrad import SDMGrad
     from lightning_mtl.strategies.upgrad import UPGrad
 
     return {
@@ -190,6 +193,13 @@ def _lightning_configs() -> dict:
         "FAMO": (lambda: make_strategy("FAMO"), False, {}, "linear", 0),  # the post-step forward
         "GradNorm": (lambda: make_strategy("GradNorm"), False, {}, "encoder", 8),
         "UPGrad-found": (lambda: make_strategy("UPGrad"), AutoTinyNet, {}, "encoder", 8),  # shared found
+        # independent samples from disjoint parts of each rank's batch: one engine call per part
+        "MoDo": (lambda: make_strategy("MoDo"), False, {}, "linear", 16),
+        "MoDo-3": (lambda: MoDo(samples=3), False, {"batch_size": 6}, "encoder", 30),
+        # lr=1 as in SDMGrad's DDP test: on this data, with the default lr=10, the inner projected SGD turns a
+        # 1e-7 relative change of J₀J₁ᵀ (the rounding of its sum over the shards) into parameters ~1e-2 apart
+        # (measured in one process by perturbing J₀J₁ᵀ); with lr=1 the same perturbation moves them 6e-8
+        "SDMGrad": (lambda: SDMGrad(lr=1.0), False, {"batch_size": 6}, "linear", 30),
     }
 
 
@@ -233,7 +243,8 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
     for label, (factory, model_kind, kwargs, units, _) in _lightning_configs().items():
         calls[0] = 0
         strategy = factory()
-        model = model_class(model_kind)(optimizer="adam", lr=0.01, **kwargs)
+        module_kwargs, rank_batch_size = module_and_batch(kwargs, batch)
+        model = model_class(model_kind)(optimizer="adam", lr=0.01, **module_kwargs)
         t = trainer(
             max_epochs=epochs,
             accelerator="cpu",
@@ -241,7 +252,7 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
             strategy=_cpu_fsdp_strategy(units),
             callbacks=[strategy],
         )
-        t.fit(model, DataLoader(ds, batch_size=batch))
+        t.fit(model, DataLoader(ds, batch_size=rank_batch_size, drop_last=True))
         # each parameter's local part: a contiguous slice of its flattened elements, rank 0's first
         local = [p.detach().flatten().clone() for p in model.parameters()]
         torch.save(

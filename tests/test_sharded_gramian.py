@@ -245,6 +245,8 @@ def _lightning_configs() -> dict:
         "IMTL": (lambda: IMTL(), False, {}, 8),  # explicit head weights e^s
         "MGDA-UB": (lambda: MGDA(mode="representation"), True, {}, 0),  # representation mode: unchanged
         "UPGrad-acc2": (lambda: make_strategy("UPGrad"), False, {"accumulate_grad_batches": 2}, 8),
+        "MoDo": (lambda: make_strategy("MoDo"), False, {}, 16),  # two parts: one sharded Jacobian each
+        "GradNorm": (lambda: make_strategy("GradNorm"), False, {}, 8),  # norms from the Gramian's diagonal
         "UPGrad-every2": (
             lambda: UPGrad(update_every=2),
             False,

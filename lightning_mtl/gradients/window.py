@@ -32,10 +32,11 @@ A strategy then only turns the statistic (:meth:`gramian` or :meth:`jacobian`) i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_mtl.fsdp1 import fsdp1_units
@@ -200,7 +201,9 @@ class TaskGradients:
         if self.count == 0:
             self._shards = self._shards_of(ctx)
             self._lean = self._shards is None and self.uses_lean(ctx)
-        if self._shards is not None:  # FSDP: this rank's shard of the rank-averaged J, by parameter blocks
+        if self._shards is not None and ctx.part_losses is not None:  # FSDP: each part's shard J_s
+            self._add_parts(ctx)
+        elif self._shards is not None:  # FSDP: this rank's shard of the rank-averaged J, by parameter blocks
             J_s = self._shard_jacobian(ctx, self._shards)
             self._sum = J_s.detach() if self._sum is None else self._sum + J_s.detach()
         elif self._lean:  # the work waits for the window's end (one backward of the window's losses)
@@ -233,17 +236,21 @@ class TaskGradients:
 
     def _add_parts(self, ctx: StepContext) -> None:
         """The per-task gradients of each of the batch's disjoint parts (``ctx.part_losses``); the whole batch's
-        are their size-weighted mean (:meth:`jacobian`)."""
+        are their size-weighted mean (:meth:`part_mean`). On a sharded model, each part's shard ``J_s``."""
         assert ctx.part_losses is not None and ctx.part_sizes is not None
-        scale = grad_scale(ctx.trainer)
-        params = self.parameters(ctx.module)
-        rows = ctx.part_rows or [(None, None)] * len(ctx.part_losses)
-        parts = torch.stack(  # [k, T, P]; each part's through its marked representation where possible
-            [
-                self._engine(L, params, scale, rows=part_rows, through=z).detach()
-                for L, (part_rows, z) in zip(ctx.part_losses, rows, strict=True)
-            ]
-        )
+        if self._shards is not None:
+            shards = self._shards
+            parts = torch.stack([self._shard_jacobian(ctx, shards, L).detach() for L in ctx.part_losses])
+        else:
+            scale = grad_scale(ctx.trainer)
+            params = self.parameters(ctx.module)
+            rows = ctx.part_rows or [(None, None)] * len(ctx.part_losses)
+            parts = torch.stack(  # [k, T, P]; each part's through its marked representation where possible
+                [
+                    self._engine(L, params, scale, rows=part_rows, through=z).detach()
+                    for L, (part_rows, z) in zip(ctx.part_losses, rows, strict=True)
+                ]
+            )
         T = parts.shape[1]
         if ctx.part_counts is None:  # each part's share of the batch, the same for every task
             sizes = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)
@@ -259,7 +266,8 @@ class TaskGradients:
 
     def part_jacobians(self, ctx: StepContext) -> Tensor:
         """The Jacobians ``[k, T, P]`` of the ``k`` disjoint batch parts' mean losses over the window (of the
-        union of the ranks' parts with ``sync="exact"``: see :mod:`lightning_mtl.batch_parts`), one reduction."""
+        union of the ranks' parts with ``sync="exact"``: see :mod:`lightning_mtl.batch_parts`), one reduction. On a
+        sharded model, this rank's column shard ``[k, T, P_s]`` of them (the reduce-scatter already averaged)."""
         if self._part_sum is None:
             raise RuntimeError(
                 f"{self.owner}: no batch parts were added (the strategy must set batch_parts > 1 and use "
@@ -267,8 +275,15 @@ class TaskGradients:
             )
         if self._parts_J is None:
             parts = self._part_sum / self.count
-            self._parts_J = reduce_mean(ctx.trainer, parts) if self._ranks(ctx) > 1 else parts
+            sharded = self._shards is not None
+            self._parts_J = reduce_mean(ctx.trainer, parts) if self._ranks(ctx) > 1 and not sharded else parts
         return self._parts_J
+
+    def part_mean(self, ctx: StepContext) -> Tensor:
+        """The parts' size-weighted mean ``[T, P]`` (``[T, P_s]`` on a sharded model): the window's Jacobian,
+        without a second reduction (with partial labels, each task's rows weighted by its labelled counts)."""
+        assert self._part_fractions is not None, "no batch parts were added"
+        return torch.einsum("kt,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
 
     @property
     def part_label_counts(self) -> Tensor | None:
@@ -305,11 +320,8 @@ class TaskGradients:
                 f"{self.owner}: the lean engine (jacobian='lean', or 'auto' for a large T·P) never forms the "
                 "Jacobian, only its Gramian. Pass jacobian='batched' (or 'loop') to get the Jacobian."
             )
-        if (
-            self._J is None and self._part_sum is not None
-        ):  # the parts' size-weighted mean: no second reduction
-            assert self._part_fractions is not None
-            self._J = torch.einsum("kt,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
+        if self._J is None and self._part_sum is not None:
+            self._J = self.part_mean(ctx)
         if self._J is None:
             assert self._sum is not None, "no micro-batch was added"
             J = self._sum / self.count
@@ -349,7 +361,12 @@ class TaskGradients:
     def check_finite(self, ctx: StepContext, statistic: Tensor) -> bool:
         """``True`` when ``statistic`` is finite; ``False`` on an AMP overflow (the GradScaler will skip the
         step); otherwise a ``FloatingPointError`` naming the owner and the losses."""
-        if bool(torch.isfinite(statistic).all()):
+        finite = torch.isfinite(statistic).all()
+        if (
+            self._shards is not None and ctx.world_size > 1
+        ):  # each rank holds a shard: one answer on every rank
+            finite = reduce_mean(ctx.trainer, finite.float()) == 1
+        if bool(finite):
             return True
         if grad_scale(ctx.trainer) is not None:
             return False
@@ -413,10 +430,15 @@ class TaskGradients:
         ``[P]``, identical on every rank with ``sync="exact"``; DDP averages it) and the task-specific ones
         ``Σ hᵢ∇Lᵢ``: the methods whose update is not ``Jᵀw`` of the step's Jacobian (MoCo's tracked gradients,
         DB-MTL's moving average, MoDo's and SDMGrad's independent samples). Back-propagates
-        ``Σ hᵢLᵢ + ⟨θ_shared, d − Jᵀh⟩``."""
-        J = self.jacobian(ctx)
-        correction = self._parameter_term(ctx, direction.to(J) - head_weights.to(J) @ J)
-        total = sum((head_weights.to(L) * L).sum() for L in self._losses) + self.count * correction
+        ``Σ hᵢLᵢ + ⟨θ_shared, d − Jᵀh⟩``. On a sharded model ``direction`` is this rank's shard ``[P_s]`` (built
+        from :meth:`part_jacobians`' shards) and reaches the shard through FSDP's averaging."""
+        heads = sum((head_weights.to(L) * L).sum() for L in self._losses)
+        if self._shards is not None:  # direction: this rank's shard [P_s]
+            J_s = self.part_mean(ctx) if self._part_sum is not None else self._sum / self.count
+            total = heads + self._shards.term((direction.to(J_s) - head_weights.to(J_s) @ J_s) * self.count)
+        else:
+            J = self.jacobian(ctx)
+            total = heads + self.count * self._parameter_term(ctx, direction.to(J) - head_weights.to(J) @ J)
         self.reset()
         ctx.backward(total)
 
@@ -475,12 +497,32 @@ class TaskGradients:
     #: (``None``: :func:`~lightning_mtl.gradients.sharded.auto_block_numel`)
     shard_block_numel: int | None = None
 
-    def _shard_jacobian(self, ctx: StepContext, shards: ParameterShards | FlatShards) -> Tensor:
-        """This micro-batch's ``J_s``: this rank's shard of the rank-averaged per-task gradients."""
+    def _shard_jacobian(
+        self, ctx: StepContext, shards: ParameterShards | FlatShards, losses: Tensor | None = None
+    ) -> Tensor:
+        """This micro-batch's ``J_s`` (of ``losses``, default ``ctx.losses``): this rank's shard of the
+        rank-averaged per-task gradients."""
+        losses = ctx.losses if losses is None else losses
         block = self.shard_block_numel
         if block is None:
-            block = auto_block_numel(int(ctx.losses.shape[0]), shards.numel)
-        return shards.jacobian(ctx.losses, self._engine, grad_scale(ctx.trainer), block)
+            block = auto_block_numel(int(losses.shape[0]), shards.numel)
+        return shards.jacobian(losses, self._engine, grad_scale(ctx.trainer), block)
+
+    @property
+    def column_reduce(self) -> Callable[[Tensor], Tensor] | None:
+        """On a sharded model with several ranks, the sum over the ranks (all-reduce) that completes a product
+        over the columns of the shards (``J_s J_s'ᵀ``, squared row norms); ``None`` otherwise (nothing to do)."""
+        if self._shards is None or not (dist.is_available() and dist.is_initialized()):
+            return None
+        if dist.get_world_size() == 1:
+            return None
+
+        def column_sum(partial: Tensor) -> Tensor:
+            total = partial.clone()
+            dist.all_reduce(total)
+            return total
+
+        return column_sum
 
     def _shards_of(self, ctx: StepContext) -> ParameterShards | FlatShards | None:
         """The shared parameters' shards when the model is sharded (FSDP2 or FSDP1), ``None`` otherwise."""
@@ -489,10 +531,10 @@ class TaskGradients:
         strategy = getattr(getattr(ctx, "trainer", None), "strategy", None)
         units = fsdp1_units(ctx.module, getattr(strategy, "model", None))
         sharded = bool(units) or fsdp_sharded(ctx.module)
-        if sharded and (self.sync != "exact" or ctx.part_losses is not None):
+        if sharded and self.sync != "exact":
             raise RuntimeError(
-                f"{self.owner}: a sharded (FSDP) model needs sync='exact' and no batch parts (each rank holds "
-                "only its shard of the per-task gradients)."
+                f"{self.owner}: a sharded (FSDP) model needs sync='exact' (each rank holds only its shard of the "
+                "per-task gradients)."
             )
         if units:
             return FlatShards.of(units, self.parameters(ctx.module), self.owner)

@@ -86,7 +86,12 @@ class GradientDirection(GradientWeighting):
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
         """The step's :class:`Direction` from the Jacobian ``[T, P]`` of the global batch (``[k, T, P]``: one per
         disjoint part, when :attr:`batch_parts` is ``k > 1``; float32) and the batch's losses ``[T]`` (averaged
-        over ranks). Update the method's state here."""
+        over ranks). Update the method's state here.
+
+        On a sharded model (FSDP) with batch parts, ``jacobian`` is this rank's column shard ``[k, T, P_s]`` and
+        the direction returned must be this shard's ``[P_s]``: a product over the columns (``J₀J₁ᵀ``) is then
+        completed by ``self._gradients.column_reduce`` (the sum over the ranks; ``None`` when unsharded). A
+        method without batch parts is refused on a sharded model (its whole Jacobian is never formed)."""
         raise NotImplementedError
 
     def compute_weights(self, stat: Tensor, losses: Tensor) -> Tensor:  # pragma: no cover - not used
@@ -137,7 +142,7 @@ class GradientDirection(GradientWeighting):
                 "them in such steps. Larger batches or denser labels avoid it (warned once).",
                 category=RuntimeWarning,
             )
-        whole = gradients.jacobian(ctx)  # each task's rows weighted by its labelled counts per part
+        whole = gradients.part_mean(ctx)  # each task's rows weighted by its labelled counts per part
         return torch.where(missing.to(J.device)[..., None], whole.unsqueeze(0), J)
 
     def _direction(self, ctx: StepContext, J: Tensor, losses: Tensor) -> Direction:
@@ -148,6 +153,9 @@ class GradientDirection(GradientWeighting):
             result = self._present_direction(J, losses, [i for i, ok in enumerate(present) if ok])
         weights = result.weights.detach().to(device=ctx.losses.device, dtype=torch.float32)
         whole = J if J.dim() == 2 else J.mean(0)
+        reduce = self._gradients.column_reduce
+        if reduce is not None:  # a sharded model: the rows' squared norms over all the shards
+            whole = reduce((whole.double() * whole.double()).sum(dim=1)).sqrt()[:, None]
         self._warn_unreached(whole, weights, present)
         if self.sync == "local" and ctx.world_size > 1:
             self._weights = reduce_mean(ctx.trainer, weights)

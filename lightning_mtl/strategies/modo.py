@@ -100,6 +100,8 @@ class MoDo(SimplexStateDirection):
         return self._simplex
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
-        d, lam = modo_direction(jacobian, self._simplex, gamma=self.gamma, rho=self.rho)
+        d, lam = modo_direction(
+            jacobian, self._simplex, gamma=self.gamma, rho=self.rho, reduce=self._gradients.column_reduce
+        )
         self._simplex = lam
         return Direction(d, lam, torch.ones(lam.shape, device=lam.device))

@@ -94,7 +94,13 @@ class SDMGrad(SimplexStateDirection):
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
         d, w, c = sdmgrad_direction(
-            jacobian, self._simplex, lam=self.lam, lr=self.lr, momentum=self.momentum, n_iter=self.n_iter
+            jacobian,
+            self._simplex,
+            lam=self.lam,
+            lr=self.lr,
+            momentum=self.momentum,
+            n_iter=self.n_iter,
+            reduce=self._gradients.column_reduce,
         )
         self._simplex = w
         return Direction(d, c, torch.ones(c.shape, device=c.device))

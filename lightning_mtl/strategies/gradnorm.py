@@ -131,6 +131,7 @@ class GradNorm(MTLStrategy):
         self.initial_loss_steps = initial_loss_steps
         self.min_weight = float(min_weight)
         self._learnable: LearnableParameters | None = None
+        self._layer_params: list[nn.Parameter] | None = None
         # L(0): per task, sum and count of the mean losses of the first windows that label it (identical on
         # every rank)
         self._initial_sum: Tensor | None = None
@@ -151,8 +152,7 @@ class GradNorm(MTLStrategy):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":  # found on the first step when the module finds its shared parameters then
             automatic = self.layer is None and getattr(pl_module, "finds_shared_parameters", False)
-            if not automatic:
-                self.resolve_layer(pl_module)  # a bad layer is a clear error before training
+            self._layer_params = None if automatic else self.resolve_layer(pl_module)
 
     def resolve_layer(self, module: nn.Module) -> list[nn.Parameter]:
         """The parameters of the last shared layer ``W`` for ``module`` (see ``layer``)."""
@@ -213,9 +213,15 @@ class GradNorm(MTLStrategy):
         return self._learnable.param
 
     def _layer(self, module: nn.Module) -> list[nn.Parameter]:
-        # resolved at every window's start: a sharded model (FSDP) trains other parameter objects than the ones
-        # it was set up with (FSDP2 swaps in DTensors, and unsharded parameters during the forward)
-        return self.resolve_layer(module)
+        # resolved again when the module no longer holds them: a sharded model (FSDP) trains other parameter
+        # objects than the ones it was set up with (FSDP2 swaps in DTensors, and unsharded parameters during the
+        # forward); a layer frozen during training stays the layer (and is a clear error, not another layer)
+        if self._layer_params is not None:
+            current = {id(p) for p in module.parameters()}
+            if all(id(p) in current for p in self._layer_params):
+                return self._layer_params
+        self._layer_params = self.resolve_layer(module)
+        return self._layer_params
 
     def backward(self, ctx: StepContext) -> None:
         assert self._learnable is not None

@@ -32,7 +32,7 @@ with ``fully_shard(..., reshard_after_forward=False)`` (``SHARD_GRAD_OP``/ZeRO-2
 forward the unsharded storage is freed until FSDP's pre-backward hook gathers it again). FSDP must average
 the gradients over a one-dimensional mesh (its default; not HSDP, not a custom gradient divide factor).
 FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) flattens the parameters into one flat
-parameter per unit: it is not covered (use FSDP2 through ``ModelParallelStrategy``).
+parameter per unit: :mod:`~lightning_mtl.gradients.flat_sharded` applies the same math to the flat parameters.
 """
 
 from __future__ import annotations

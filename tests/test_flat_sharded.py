@@ -203,12 +203,16 @@ def _lightning_configs() -> dict:
     }
 
 
-def _cpu_fsdp_strategy(units: str):
-    """Lightning's ``FSDPStrategy`` (``SHARD_GRAD_OP``) on the CPU: Lightning wraps with
+def _fsdp_strategy(units: str, device: str = "cpu"):
+    """Lightning's ``FSDPStrategy`` (``SHARD_GRAD_OP``); on the CPU: Lightning wraps with
     ``device_id=root_device.index``, ``None`` on the CPU, which FSDP1 refuses without an accelerator; the wrap
     here is Lightning's with ``device_id=cpu``. Only the accelerator differs from a GPU run."""
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
+
+    policy = {nn.Linear} if units == "linear" else {nn.Sequential}
+    if device == "cuda":
+        return FSDPStrategy(sharding_strategy="SHARD_GRAD_OP", auto_wrap_policy=policy)
 
     class CPUFSDPStrategy(FSDPStrategy):
         def _setup_model(self, model: nn.Module) -> nn.Module:
@@ -221,11 +225,10 @@ def _cpu_fsdp_strategy(units: str):
                 **self.kwargs,
             )
 
-    policy = {nn.Linear} if units == "linear" else {nn.Sequential}
     return CPUFSDPStrategy(sharding_strategy="SHARD_GRAD_OP", auto_wrap_policy=policy)
 
 
-def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun rank
+def _lightning_main(out: str, epochs: int, batch: int, device: str) -> None:  # one torchrun rank
     from helpers import make_data, trainer
     from torch.utils.data import DataLoader
 
@@ -247,14 +250,14 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
         model = model_class(model_kind)(optimizer="adam", lr=0.01, **module_kwargs)
         t = trainer(
             max_epochs=epochs,
-            accelerator="cpu",
+            accelerator=device,
             devices=2,
-            strategy=_cpu_fsdp_strategy(units),
+            strategy=_fsdp_strategy(units, device),
             callbacks=[strategy],
         )
         t.fit(model, DataLoader(ds, batch_size=rank_batch_size, drop_last=True))
         # each parameter's local part: a contiguous slice of its flattened elements, rank 0's first
-        local = [p.detach().flatten().clone() for p in model.parameters()]
+        local = [p.detach().flatten().cpu() for p in model.parameters()]
         torch.save(
             {"local": local, "weights": strategy.weights, "sharded_calls": calls[0]},
             os.path.join(out, f"{label}.rank{t.global_rank}.pt"),
@@ -262,9 +265,9 @@ def _lightning_main(out: str, epochs: int, batch: int) -> None:  # one torchrun 
     # a method that needs the Jacobian itself: a clear error on a sharded model, not wrong numbers
     from lightning_mtl.cli.registry import make_strategy
 
-    strategy = _cpu_fsdp_strategy("linear")
+    strategy = _fsdp_strategy("linear", device)
     t = trainer(
-        max_epochs=1, accelerator="cpu", devices=2, strategy=strategy, callbacks=[make_strategy("MoCo")]
+        max_epochs=1, accelerator=device, devices=2, strategy=strategy, callbacks=[make_strategy("MoCo")]
     )
     try:
         t.fit(TinyNet(), DataLoader(ds, batch_size=batch))
@@ -281,8 +284,19 @@ def test_lightning_fsdp_strategy_equals_one_process(tmp_path):
     gradient methods through the flat-shard engine (UPGrad, PCGrad: heads plain; MGDA: heads weighted; IMTL:
     explicit head weights; UPGrad with accumulate_grad_batches=2 and with update_every=2), representation mode
     (MGDA-UB), with every Linear a unit or with the heads in the root's flat parameter."""
+    _compare_with_one_process(tmp_path, "cpu", atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.timeout(600)
+def test_lightning_fsdp_strategy_on_two_gpus(tmp_path):  # pragma: no cover - GPU machines only
+    """The same on two GPUs (NCCL), with Lightning's ``FSDPStrategy`` as it is (no CPU wrap)."""
+    _compare_with_one_process(tmp_path, "cuda", atol=1e-4)
+
+
+def _compare_with_one_process(tmp_path, device: str, atol: float) -> None:
     epochs, batch = 2, 8
-    run_torchrun(__file__, tmp_path, epochs, batch)
+    run_torchrun(__file__, tmp_path, epochs, batch, device)
     configs = _lightning_configs()
     runs = one_process_runs({label: config[:3] for label, config in configs.items()}, epochs, batch)
     for label, (params, strategy_weights) in runs.items():
@@ -292,9 +306,9 @@ def test_lightning_fsdp_strategy_equals_one_process(tmp_path):
         got = torch.cat(
             [torch.cat([a, b]) for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)]
         )
-        torch.testing.assert_close(got, params, atol=1e-5, rtol=0, msg=label)
+        torch.testing.assert_close(got, params, atol=atol, rtol=0, msg=label)
         for task, w in strategy_weights.items():
-            assert ranks[0]["weights"][task] == pytest.approx(w, abs=1e-5), label
+            assert ranks[0]["weights"][task] == pytest.approx(w, abs=atol), label
     for rank in range(2):
         assert "MoCo: the model is sharded (FSDP)" in torch.load(tmp_path / f"MoCo.rank{rank}.pt"), rank
 
@@ -323,7 +337,7 @@ def test_fsdp1_needs_exact_sync_and_no_batch_parts():
 if __name__ == "__main__":  # torchrun rank of test_lightning_fsdp_strategy_equals_one_process
     import sys
 
-    _lightning_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _lightning_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip the interpreter's teardown: gloo's threads can abort it

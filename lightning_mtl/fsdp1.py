@@ -26,20 +26,19 @@ from torch import Tensor, nn
 __all__ = ["fsdp1_backward", "fsdp1_root", "fsdp1_units", "quiet_fsdp_hooks"]
 
 
-def fsdp1_units(*modules: nn.Module | None) -> list[nn.Module]:
-    """The FSDP1 (``FullyShardedDataParallel``) instances among ``modules`` and their submodules, once each."""
+def _fsdp1_class() -> type | None:
+    """``FullyShardedDataParallel``, or ``None`` for a torch without it."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch without FSDP
-        return []
-    found: dict[int, nn.Module] = {}
-    for module in modules:
-        if module is None:
-            continue
-        for m in module.modules():
-            if isinstance(m, FullyShardedDataParallel):
-                found.setdefault(id(m), m)
-    return list(found.values())
+        return None
+    return FullyShardedDataParallel
+
+
+def fsdp1_units(module: nn.Module) -> list[nn.Module]:
+    """The FSDP1 (``FullyShardedDataParallel``) instances among ``module`` and its submodules."""
+    fsdp = _fsdp1_class()
+    return [] if fsdp is None else [m for m in module.modules() if isinstance(m, fsdp)]
 
 
 def fsdp1_root(model: nn.Module | None) -> bool:
@@ -47,11 +46,8 @@ def fsdp1_root(model: nn.Module | None) -> bool:
     ``no_sync()`` cannot be entered (it asserts that no forward or backward runs): the micro-batches of an
     accumulation window then back-propagate with FSDP's reduce-scatter each, summed into the gradient shards —
     the same gradients, without ``no_sync``'s unsharded accumulation."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch without FSDP
-        return False
-    return isinstance(model, FullyShardedDataParallel)
+    fsdp = _fsdp1_class()
+    return fsdp is not None and isinstance(model, fsdp)
 
 
 @contextmanager
@@ -76,23 +72,17 @@ def fsdp1_backward(model: nn.Module | None, loss: Tensor) -> None:
     the backward starts (it queues FSDP's final callback and prepares the root's own flat parameter), as FSDP's
     own hook on the root's outputs would after the forward (which then finds it done). Nothing when ``model`` is
     not an FSDP1 root, or when ``loss`` needs no gradient."""
-    if model is None or not loss.requires_grad:
+    if not loss.requires_grad or not fsdp1_root(model) or not getattr(model, "_is_root", False):
         return
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp._common_utils import TrainingState
-        from torch.distributed.fsdp._runtime_utils import _pre_backward_hook
-    except ImportError:  # pragma: no cover - torch without FSDP1's internals
-        return
-    if not isinstance(model, FullyShardedDataParallel) or not getattr(model, "_is_root", False):
-        return
+    from torch.distributed.fsdp._common_utils import TrainingState
+    from torch.distributed.fsdp._runtime_utils import _pre_backward_hook
 
     def root_pre_backward(grad: Tensor) -> Tensor:
-        if not getattr(model, "_post_backward_callback_queued", False):  # inside the root's forward: the
-            model._post_backward_callback_queued = (
-                False  # state its hook expects after a forward (unset before
-            )
-            model.training_state = TrainingState.IDLE  # the root's first forward has ended)
+        if not getattr(model, "_post_backward_callback_queued", False):
+            # inside the root's forward: the state FSDP's hook expects after a forward (the flag is unset until
+            # the root's first forward has ended)
+            model._post_backward_callback_queued = False
+            model.training_state = TrainingState.IDLE
         return _pre_backward_hook(model, model, model._handle, grad)
 
     loss.register_hook(root_pre_backward)

@@ -154,7 +154,7 @@ class FlatShards:
         rank's) w.r.t. the shared elements (the others' columns are zero), taken by blocks of units of at most
         ``block_numel`` elements (one batched backward each, graph retained). Every rank must call it."""
         shards = []
-        for block in _blocks(ShardLayout(tuple(u.layout.shapes[0] for u in self._units), 0, 1), block_numel):
+        for block in _blocks([u.layout.shapes[0] for u in self._units], block_numel):
             units = [self._units[k] for k in block]
             with quiet_fsdp_hooks(self._all_units):
                 J_b = engine(losses, [u.flat_param for u in units], scale)  # [T, ΣN] this rank's, transient

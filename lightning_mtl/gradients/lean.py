@@ -177,17 +177,23 @@ def parameter_blocks(params: Sequence[Tensor], max_elements: int | None = None) 
     if max_elements is None:
         total = sum(p.numel() for p in params)
         max_elements = max(math.ceil(total * BLOCK_FRACTION), max((p.numel() for p in params), default=1))
-    blocks: list[list[Tensor]] = []
-    current: list[Tensor] = []
+    return [
+        [params[k] for k in block] for block in consecutive_blocks([p.numel() for p in params], max_elements)
+    ]
+
+
+def consecutive_blocks(numels: Sequence[int], max_elements: int) -> list[list[int]]:
+    """The indices of consecutive items of sizes ``numels``, grouped greedily into blocks of at most
+    ``max_elements`` (an item larger than that is a block of its own)."""
+    blocks: list[list[int]] = []
     size = 0
-    for p in params:
-        if current and size + p.numel() > max_elements:
-            blocks.append(current)
-            current, size = [], 0
-        current.append(p)
-        size += p.numel()
-    if current:
-        blocks.append(current)
+    for k, numel in enumerate(numels):
+        if blocks and size + numel <= max_elements:
+            blocks[-1].append(k)
+            size += numel
+        else:
+            blocks.append([k])
+            size = numel
     return blocks
 
 

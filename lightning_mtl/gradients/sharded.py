@@ -48,6 +48,7 @@ from torch import Tensor
 
 from lightning_mtl.functional import gramian
 from lightning_mtl.gradients.jacobian import JacobianEngine
+from lightning_mtl.gradients.lean import BLOCK_FRACTION, LEAN_MIN_BYTES, consecutive_blocks
 
 __all__ = [
     "ParameterShards",
@@ -62,6 +63,7 @@ __all__ = [
     "shard_jacobian",
     "shard_term",
     "sharded_gramian",
+    "sum_over_ranks",
 ]
 
 
@@ -251,31 +253,20 @@ def auto_block_numel(T: int, P: int, itemsize: int = 4) -> int | None:
     :data:`~lightning_mtl.gradients.lean.LEAN_MIN_BYTES`, else blocks of an eighth of ``P`` (the lean engine's
     :data:`~lightning_mtl.gradients.lean.BLOCK_FRACTION`: a transient ``T × P/8``, at about ``4.5`` batched
     backward passes for a chain). Depends on ``T`` and ``P`` only: the same on every rank."""
-    from lightning_mtl.gradients.lean import BLOCK_FRACTION, LEAN_MIN_BYTES
-
     if T * P * itemsize < LEAN_MIN_BYTES:
         return None
     return max(1, math.ceil(P * BLOCK_FRACTION))
 
 
-def _blocks(layout: ShardLayout, block_numel: int | None) -> list[list[int]]:
-    """Consecutive parameter indices, grouped into blocks of at most ``block_numel`` elements (a larger
-    parameter is a block of its own); one block without a limit."""
-    n = len(layout.shapes)
+def _blocks(shapes: Sequence[torch.Size], block_numel: int | None) -> list[list[int]]:
+    """Consecutive indices of the parameters of ``shapes``, grouped into blocks of at most ``block_numel``
+    elements (a larger parameter is a block of its own); one block without a limit."""
+    n = len(shapes)
     if block_numel is None:
         return [list(range(n))]
     if block_numel < 1:
         raise ValueError(f"block_numel must be a positive number of elements or None, got {block_numel}.")
-    blocks: list[list[int]] = [[]]
-    size = 0
-    for k, shape in enumerate(layout.shapes):
-        numel = math.prod(shape)
-        if blocks[-1] and size + numel > block_numel:
-            blocks.append([])
-            size = 0
-        blocks[-1].append(k)
-        size += numel
-    return blocks
+    return consecutive_blocks([math.prod(shape) for shape in shapes], block_numel)
 
 
 def shard_jacobian(
@@ -317,7 +308,7 @@ def shard_jacobian(
         )
     engine = JacobianEngine("auto", owner="shard_jacobian") if engine is None else engine
     shards = []
-    for block in _blocks(layout, block_numel):
+    for block in _blocks(layout.shapes, block_numel):
         inputs = [params[k] for k in block]
         J_b = engine(losses, inputs, scale)  # [T, P_b] this rank's, transient
         grads = list(J_b.split([p.numel() for p in inputs], dim=1))
@@ -333,9 +324,18 @@ def sharded_gramian(J_s: Tensor, group: dist.ProcessGroup | None = None) -> Tens
     ``J_s J_sᵀ`` and one all-reduce (sum). Every rank of ``group`` must call it."""
     T = J_s.shape[0]
     local = gramian(J_s) if J_s.shape[1] > 0 else torch.zeros(T, T, dtype=torch.float64, device=J_s.device)
+    return sum_over_ranks(local, group)
+
+
+def sum_over_ranks(partial: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The sum over the ranks of ``group`` of ``partial`` (one all-reduce, into a copy): what completes a
+    product over the columns of the ranks' shards (``J_s J_s'ᵀ``, squared row norms). ``partial`` itself on
+    one rank. Every rank of ``group`` must call it."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(local, group=group)
-    return local
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+    return partial
 
 
 def shard_combination(J_s: Tensor, weights: Tensor) -> Tensor:

@@ -3,8 +3,9 @@
 :func:`find_sharing` walks each task loss's graph (``grad_fn`` → ``next_functions`` → the ``AccumulateGrad`` nodes
 of the leaf parameters) and returns the trainable parameters reached by two or more tasks (shared), by exactly one
 (task-specific) and by none. Under FSDP1 (``use_orig_params=True``) a unit's parameters are views of one flat
-parameter: each original parameter is found from the output of the flat parameter's split that the graph reaches. :class:`~lightning_mtl.MultiTaskModule` uses it on the first training step when a
-module neither overrides ``shared_parameters()`` nor holds a :class:`~lightning_mtl.nn.MultiTaskArchitecture`.
+parameter: each original parameter is found from the output of the flat parameter's split that the graph
+reaches. :class:`~lightning_mtl.MultiTaskModule` uses it on the first training step when a module neither
+overrides ``shared_parameters()`` nor holds a :class:`~lightning_mtl.nn.MultiTaskArchitecture`.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from lightning_mtl.gradients.sharded import (
     fsdp_sharded,
     shard_combination,
     sharded_gramian,
+    sum_over_ranks,
 )
 from lightning_mtl.gradients.sources import (
     ParameterSource,
@@ -147,7 +148,8 @@ class TaskGradients:
 
     @property
     def sharded(self) -> bool:
-        """Whether the current window's model is sharded (FSDP2 or FSDP1): only :meth:`gramian` is available."""
+        """Whether the current window's model is sharded (FSDP2 or FSDP1): :meth:`gramian` and the parts' shards
+        (:meth:`part_jacobians`) are available, :meth:`jacobian` is not."""
         return self._shards is not None
 
     def parameters(self, module: nn.Module) -> list[nn.Parameter]:
@@ -362,10 +364,10 @@ class TaskGradients:
         """``True`` when ``statistic`` is finite; ``False`` on an AMP overflow (the GradScaler will skip the
         step); otherwise a ``FloatingPointError`` naming the owner and the losses."""
         finite = torch.isfinite(statistic).all()
-        if (
-            self._shards is not None and ctx.world_size > 1
-        ):  # each rank holds a shard: one answer on every rank
-            finite = reduce_mean(ctx.trainer, finite.float()) == 1
+        if self._shards is not None and ctx.world_size > 1:
+            finite = (
+                reduce_mean(ctx.trainer, finite.float()) == 1
+            )  # each rank holds a shard: one answer for all
         if bool(finite):
             return True
         if grad_scale(ctx.trainer) is not None:
@@ -433,8 +435,8 @@ class TaskGradients:
         ``Σ hᵢLᵢ + ⟨θ_shared, d − Jᵀh⟩``. On a sharded model ``direction`` is this rank's shard ``[P_s]`` (built
         from :meth:`part_jacobians`' shards) and reaches the shard through FSDP's averaging."""
         heads = sum((head_weights.to(L) * L).sum() for L in self._losses)
-        if self._shards is not None:  # direction: this rank's shard [P_s]
-            J_s = self.part_mean(ctx) if self._part_sum is not None else self._sum / self.count
+        if self._shards is not None:  # direction: this rank's shard [P_s] (batch parts: MoDo, SDMGrad)
+            J_s = self.part_mean(ctx)
             total = heads + self._shards.term((direction.to(J_s) - head_weights.to(J_s) @ J_s) * self.count)
         else:
             J = self.jacobian(ctx)
@@ -514,22 +516,15 @@ class TaskGradients:
         over the columns of the shards (``J_s J_s'ᵀ``, squared row norms); ``None`` otherwise (nothing to do)."""
         if self._shards is None or not (dist.is_available() and dist.is_initialized()):
             return None
-        if dist.get_world_size() == 1:
-            return None
-
-        def column_sum(partial: Tensor) -> Tensor:
-            total = partial.clone()
-            dist.all_reduce(total)
-            return total
-
-        return column_sum
+        return sum_over_ranks if dist.get_world_size() > 1 else None
 
     def _shards_of(self, ctx: StepContext) -> ParameterShards | FlatShards | None:
         """The shared parameters' shards when the model is sharded (FSDP2 or FSDP1), ``None`` otherwise."""
         if self.target != "parameters":
             return None
         strategy = getattr(getattr(ctx, "trainer", None), "strategy", None)
-        units = fsdp1_units(ctx.module, getattr(strategy, "model", None))
+        model = getattr(strategy, "model", None)  # Lightning's wrapper (an FSDP1 root) holds ctx.module
+        units = fsdp1_units(ctx.module if model is None else model)
         sharded = bool(units) or fsdp_sharded(ctx.module)
         if sharded and self.sync != "exact":
             raise RuntimeError(

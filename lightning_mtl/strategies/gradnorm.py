@@ -1,4 +1,10 @@
-"""GradNorm (Chen et al. 2018): learn task weights that balance the tasks' gradient norms."""
+"""GradNorm (Chen et al. 2018): learn task weights that balance the tasks' gradient norms.
+
+Long because one strategy owns four intertwined pieces of state that must agree at every window: the normalised
+layer (resolved per model, sharded or not), the learned weights and their optimizer, the initial losses ``L(0)``
+recorded per task under partial labels, and the window's gradient norms; splitting them would spread the
+window's invariants over several files.
+"""
 
 from __future__ import annotations
 

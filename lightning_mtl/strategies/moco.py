@@ -45,8 +45,8 @@ class MoCo(GradientDirection):
     checked against LibMTL's and the authors' code, which agree on the order (``Y``, then ``λ`` with the new
     ``Y``, then ``Yᵀλ`` with the new ``λ``), on ``Y₀ = 0`` and ``λ₀ = 1/T``, and have no projection of ``yᵢ``
     onto a bounded set (which the paper's analysis is recalled to use; not verified). ``Y₀ = 0`` (not the first
-    gradient) follows both codes: the first steps are
-    then shrunk by ``β₁`` (``Y₁ = βG₁``), which a decaying ``βₖ`` corrects within a few steps.
+    gradient) follows both codes: the first steps are then shrunk by ``β₁`` (``Y₁ = βG₁``), which a decaying
+    ``βₖ`` corrects within a few steps.
 
     Conventions:
 
@@ -59,7 +59,7 @@ class MoCo(GradientDirection):
       ``train/weight/<task>`` logs ``λ`` (sum 1). The heads' gradient ``∇ΣLᵢ`` is a sum.
     * **Defaults** are LibMTL's: ``β = 0.5, σβ = 0.5, γ = 0.1, σγ = 0.5, ρ = 0``. The authors' ICLR code uses
       ``β = 0.1``, no ``ρ`` and a ``λ`` step twice as large (``2YYᵀλ``, i.e. ``γ = 0.2`` here) in its library
-      defaults, while its NYUv2 script runs constant steps with ``β = 0.99, γ = 0.1``; their later fork
+      defaults, while its NYUv2 script runs constant steps with ``β = 0.99, γ = 0.1``; their later fork uses
       constant ``β = γ = ρ = 0.1`` (``beta_sigma = gamma_sigma = 0``), with an optional normalisation of ``Y``
       that also applies to the shared update.
     * **Per optimizer step**: ``G`` is the Jacobian of the global batch (averaged over ranks and over the

@@ -162,11 +162,30 @@ def one_process_runs(
     return out
 
 
-def spawn_two_ranks(worker: Callable[[int, int, int, str], None], out: Path) -> list[dict[str, Any]]:
-    """Run ``worker(rank, 2, port, out)`` on 2 spawned processes and load what each saved to
-    ``out/rank<k>.pt``."""
+def _rank_main(
+    rank: int, body: Callable[[int, int], dict[str, Any]], world: int, port: int, out: str, backend: str
+) -> None:
+    """One spawned rank: the process group (``backend``; ``nccl`` on GPU ``rank``), ``body(rank, world)``'s record
+    saved to ``out/rank<rank>.pt``, the group destroyed."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":  # pragma: no cover - GPU machines only
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        torch.save(body(rank, world), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_two_ranks(
+    body: Callable[[int, int], dict[str, Any]], out: Path, backend: str = "gloo"
+) -> list[dict[str, Any]]:
+    """Run ``body(rank, 2)`` on 2 spawned processes in a process group (``backend``) and return each rank's
+    record (``body`` must be a module-level function, to be pickled)."""
     import torch.multiprocessing as mp
 
     with restore_environ():
-        mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+        mp.spawn(_rank_main, args=(body, 2, free_port(), str(out), backend), nprocs=2, join=True)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]

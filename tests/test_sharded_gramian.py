@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 from shard_helpers import (
     HEADS,
     LR,
@@ -46,75 +45,67 @@ from lightning_mtl.gradients.sharded import (
 )
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _sharded_steps(rank: int, world: int, device: str) -> dict:
+    """The three steps on this rank's half of the batch with ``fully_shard`` over ``device``'s ranks: the
+    Gramians, the full parameters after each step (on the CPU) and the shard's width."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh(device, (world,))
+    net = Net().to(device)
+    fully_shard(net.trunk, mesh=mesh, reshard_after_forward=False)
+    fully_shard(net, mesh=mesh, reshard_after_forward=False)
+    sharded_trunk = list(net.trunk.parameters())  # DTensors outside the forward/backward
+    layout = fsdp_layout(sharded_trunk)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    x, y = (t.to(device) for t in rank_batch(rank, world))
+    grams, params, shard_numels = [], [], []
+    for step in range(3):
+        opt.zero_grad()
+        L = losses(net, x, y)
+        shared = list(net.trunk.parameters())  # unsharded (reshard_after_forward=False)
+        assert ShardLayout.of(shared) == layout
+        J_s = shard_jacobian(L, shared, layout, block_numel=8 if step == 2 else None)
+        shard_numels.append(J_s.shape[1])
+        G = sharded_gramian(J_s)
+        w = weights(step, G.cpu()).to(L)
+        if HEADS[step] == "weighted":
+            (w * L).sum().backward()
+        elif step == 0:  # the correction in the one backward
+            (L.sum() + shard_term(shared, shard_combination(J_s, w - 1), layout)).backward()
+        else:  # the correction written into the shards' gradients after the backward
+            L.sum().backward()
+            add_to_shard_grads(sharded_trunk, shard_combination(J_s, w - 1), layout)
+        opt.step()
+        grams.append(G.cpu())
+        params.append([p.full_tensor().detach().cpu() for p in net.parameters()])
+    check_fsdp_mesh(net, "test")  # a 1-d mesh of all the ranks: no error
+    return {"grams": grams, "params": params, "shard_numels": shard_numels, "numel": layout.numel}
+
+
+def _worker(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    record = _sharded_steps(rank, world, "cpu")
+    # resharded after the forward (FSDP2's default for a non-root unit): a clear error, not wrong numbers
+    other = Net()
+    fully_shard(other.trunk, mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(other, mesh=init_device_mesh("cpu", (world,)))
+    L = losses(other, *rank_batch(rank, world))
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        net = Net()
-        fully_shard(net.trunk, mesh=mesh, reshard_after_forward=False)
-        fully_shard(net, mesh=mesh, reshard_after_forward=False)
-        sharded_trunk = list(net.trunk.parameters())  # DTensors outside the forward/backward
-        layout = fsdp_layout(sharded_trunk)
-        opt = torch.optim.SGD(net.parameters(), lr=LR)
-        x, y = rank_batch(rank, world)
-        grams, params, shard_numels = [], [], []
-        for step in range(3):
-            opt.zero_grad()
-            L = losses(net, x, y)
-            shared = list(net.trunk.parameters())  # unsharded (reshard_after_forward=False)
-            assert ShardLayout.of(shared) == layout
-            J_s = shard_jacobian(L, shared, layout, block_numel=8 if step == 2 else None)
-            shard_numels.append(J_s.shape[1])
-            G = sharded_gramian(J_s)
-            w = weights(step, G).to(L)
-            if HEADS[step] == "weighted":
-                (w * L).sum().backward()
-            elif step == 0:  # the correction in the one backward
-                (L.sum() + shard_term(shared, shard_combination(J_s, w - 1), layout)).backward()
-            else:  # the correction written into the shards' gradients after the backward
-                L.sum().backward()
-                add_to_shard_grads(sharded_trunk, shard_combination(J_s, w - 1), layout)
-            opt.step()
-            grams.append(G)
-            params.append([p.full_tensor().detach().clone() for p in net.parameters()])
-        check_fsdp_mesh(net, "test")  # a 1-d mesh of all the ranks: no error
-        # resharded after the forward (FSDP2's default for a non-root unit): a clear error, not wrong numbers
-        other = Net()
-        fully_shard(other.trunk, mesh=mesh)
-        fully_shard(other, mesh=mesh)
-        L = losses(other, x, y)
-        try:
-            shard_jacobian(L, list(other.trunk.parameters()))
-            error = ""
-        except ValueError as err:
-            error = str(err)
-        torch.save(
-            {
-                "grams": grams,
-                "params": params,
-                "shard_numels": shard_numels,
-                "numel": layout.numel,
-                "error": error,
-            },
-            f"{out}/rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+        shard_jacobian(L, list(other.trunk.parameters()))
+        record["error"] = ""
+    except ValueError as err:
+        record["error"] = str(err)
+    return record
 
 
 @pytest.mark.timeout(300)
 def test_sharded_gramian_and_steps_equal_unsharded(tmp_path):
     records = spawn_two_ranks(_worker, tmp_path)
-    grams, params = reference()
+    params = _assert_reference_steps(records)
     for rank, rec in enumerate(records):
-        for step in range(3):
-            torch.testing.assert_close(rec["grams"][step], grams[step], atol=1e-5, rtol=1e-5)
-            for got, want in zip(rec["params"][step], params[step], strict=True):
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # the rank held only its shard of J: rows 3+3+2+2 of 5·3, 5, 3·5, 3 on rank 0 (P = 38, P_0 = 24, P_1 = 14)
         assert rec["numel"] == 38
         assert rec["shard_numels"] == ([24] * 3 if rank == 0 else [14] * 3)
@@ -179,53 +170,24 @@ def test_bad_input_is_a_clear_error():
 )
 @pytest.mark.timeout(300)
 def test_sharded_steps_on_two_gpus(tmp_path):  # pragma: no cover - GPU machines only
-    records = spawn_two_ranks(_gpu_worker, tmp_path)
+    _assert_reference_steps(spawn_two_ranks(_gpu_worker, tmp_path, backend="nccl"))
+
+
+def _assert_reference_steps(records: list[dict]) -> list[list[torch.Tensor]]:
+    """Each rank's Gramians and parameters equal the one-process reference's (1e-5); returns the reference's
+    parameters."""
     grams, params = reference()
     for rec in records:
         for step in range(3):
-            torch.testing.assert_close(rec["grams"][step].cpu(), grams[step], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(rec["grams"][step], grams[step], atol=1e-5, rtol=1e-5)
             for got, want in zip(rec["params"][step], params[step], strict=True):
-                torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    return params
 
 
-def _gpu_worker(rank: int, world: int, port: int, out: str) -> None:  # pragma: no cover - GPU machines only
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
+def _gpu_worker(rank: int, world: int) -> dict:  # pragma: no cover - GPU machines only
     torch.backends.cuda.matmul.allow_tf32 = False
-    dist.init_process_group("nccl", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cuda", (world,))
-        net = Net().cuda()
-        fully_shard(net.trunk, mesh=mesh, reshard_after_forward=False)
-        fully_shard(net, mesh=mesh, reshard_after_forward=False)
-        sharded_trunk = list(net.trunk.parameters())
-        layout = fsdp_layout(sharded_trunk)
-        opt = torch.optim.SGD(net.parameters(), lr=LR)
-        x, y = (t.cuda() for t in rank_batch(rank, world))
-        grams, params = [], []
-        for step in range(3):
-            opt.zero_grad()
-            L = losses(net, x, y)
-            shared = list(net.trunk.parameters())
-            J_s = shard_jacobian(L, shared, layout, block_numel=8 if step == 2 else None)
-            G = sharded_gramian(J_s)
-            w = weights(step, G.cpu()).to(L)
-            if HEADS[step] == "weighted":
-                (w * L).sum().backward()
-            elif step == 0:
-                (L.sum() + shard_term(shared, shard_combination(J_s, w - 1), layout)).backward()
-            else:
-                L.sum().backward()
-                add_to_shard_grads(sharded_trunk, shard_combination(J_s, w - 1), layout)
-            opt.step()
-            grams.append(G.cpu())
-            params.append([p.full_tensor().detach().cpu() for p in net.parameters()])
-        torch.save({"grams": grams, "params": params}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    return _sharded_steps(rank, world, "cuda")
 
 
 # ------------------------------------------------------------------------------------------ Lightning (FSDP2)

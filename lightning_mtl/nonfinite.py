@@ -158,6 +158,15 @@ class NonFiniteGuard:
         self._first_batch = None
 
 
+def tensor_finite(x: Tensor) -> Tensor:
+    """Whether every element of ``x`` is finite, as a 0-dim bool tensor. A non-finite element makes the sum
+    non-finite (NaN, or ±inf), so a finite sum proves every element finite in one reduction (about 30x cheaper
+    on the CPU than ``isfinite(x).all()`` for a Jacobian); a non-finite sum can also be an overflow of the sum
+    alone, so then every element is checked (one host sync more, only then)."""
+    finite = torch.isfinite(x.sum())
+    return finite if bool(finite) else torch.isfinite(x).all()
+
+
 def _all_finite(grads: list[Tensor]) -> bool:
     """Whether every element of ``grads`` is finite: one fused kernel per device and dtype, one host sync.
 

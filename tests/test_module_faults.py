@@ -184,3 +184,19 @@ def test_the_fused_gradient_check_finds_nan_and_inf_and_leaves_gradients_untouch
         h = g.clone()
         h[3] = bad
         assert not _all_finite([other, h])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_jacobian_finiteness_check_is_exact_when_its_sum_overflows(dtype):
+    from lightning_mtl.nonfinite import tensor_finite
+
+    big = torch.full((3, 4), torch.finfo(dtype).max, dtype=dtype)  # finite entries whose sum overflows
+    assert not torch.isfinite(big.sum()) and bool(tensor_finite(big))
+    assert bool(tensor_finite(torch.randn(2, 5).to(dtype)))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for base in (big, torch.randn(3, 4).to(dtype)):
+            h = base.clone()
+            h[1, 2] = bad
+            assert not bool(tensor_finite(h))
+    mixed = torch.tensor([float("inf"), -float("inf"), 1.0], dtype=dtype)  # the sum is NaN
+    assert not bool(tensor_finite(mixed))

@@ -17,6 +17,7 @@ from lightning_mtl.gradients.jacobian import (
     JacobianEngine,
     jacobian,
     split_jacobian,
+    split_jacobians,
     split_plan,
 )
 from lightning_mtl.strategies import MGDA, PCGrad, SDMGrad, UPGrad
@@ -102,6 +103,50 @@ def test_the_loop_back_propagates_each_task_alone_with_rows():
     )
 
 
+def _parts(kind: str, k: int = 3):
+    """``k`` disjoint batch parts through one trunk: each part its own forward (graph), representation and losses."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 5, generator=g), torch.randn(12, T, generator=g)
+    trunk = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh())
+    heads = [nn.Linear(6, 1) for _ in range(T)] if kind == "heads" else nn.Linear(6, T)
+    zs, rows = [], []
+    for xp, yp in zip(x.chunk(k), y.chunk(k)):
+        z = trunk(xp)
+        outs = [h(z)[:, 0] for h in heads] if kind == "heads" else heads(z).unbind(1)  # own graphs, or one
+        zs.append(z)
+        rows.append([((out - yp[:, i]) ** 2).mean() for i, out in enumerate(outs)])
+    return zs, rows, [torch.stack(r) for r in rows], list(trunk.parameters())
+
+
+@pytest.mark.parametrize(("kind", "plan"), [("heads", "per_task"), ("fused", "batched")])
+def test_the_parts_jacobians_together_equal_each_parts_own(kind, plan):
+    # MoDo, SDMGrad: the parts' gradients at their representations in one backward per task (or one batched)
+    zs, rows, losses, params = _parts(kind)
+    assert {split_plan(r, z, params) for r, z in zip(rows, zs)} == {plan}
+    expected = [jacobian(L, params) for L in losses]
+    for scale in (None, 512.0):
+        got = split_jacobians(losses, rows, zs, params, plan, scale=scale)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    got = JacobianEngine("auto").parts(losses, params, rows=rows, throughs=zs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_parts_whose_losses_mix_are_not_taken_together(monkeypatch):
+    # part 1's losses also read part 0's representation: no split (the merged first phase would be wrong)
+    zs, rows, _, params = _parts("heads", k=2)
+    rows[1] = [r + zs[0].sum() * 0.1 for r in rows[1]]
+    losses = [torch.stack(r) for r in rows]
+    assert split_plan(rows[1], zs[1], params) is None
+    calls = []
+    monkeypatch.setattr(jacobian_module, "split_jacobians", lambda *a, **k: calls.append(1))
+    got = JacobianEngine("auto").parts(losses, params, rows=rows, throughs=zs)
+    assert not calls
+    for a, L in zip(got, losses):
+        torch.testing.assert_close(a, jacobian(L, params))
+
+
 class ManyHeads(MultiTaskModule):
     """T separate heads on a marked representation (the split applies), or with a skip connection (it does not)."""
 
@@ -141,13 +186,13 @@ def test_training_through_the_split_equals_training_without_it(monkeypatch, stra
     # MoDo and SDMGrad: each batch part's Jacobian through that part's marked representation
     data = DataLoader(make_data(n=48), batch_size=16)
     calls = []
-    real = jacobian_module.split_jacobian
+    real = jacobian_module.split_jacobians
 
     def counting(*args, **kwargs):
         calls.append(args[4])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jacobian_module, "split_jacobian", counting)
+    monkeypatch.setattr(jacobian_module, "split_jacobians", counting)
     split = ManyHeads(mark=True)
     trainer(max_epochs=2, callbacks=[strategy()]).fit(split, data)
     assert calls and set(calls) == {"per_task"}
@@ -160,7 +205,7 @@ def test_training_through_the_split_equals_training_without_it(monkeypatch, stra
 
 def test_a_skip_connection_keeps_the_plain_backward(monkeypatch):
     calls = []
-    monkeypatch.setattr(jacobian_module, "split_jacobian", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(jacobian_module, "split_jacobians", lambda *a, **k: calls.append(1))
     trainer(max_steps=2, callbacks=[UPGrad()]).fit(
         ManyHeads(mark=True, skip=True), DataLoader(make_data(n=32), batch_size=16)
     )

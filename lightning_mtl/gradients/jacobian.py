@@ -134,15 +134,64 @@ def split_jacobian(
     batched backward of the stack down to the representation), then one batched backward of those through the
     trunk to ``inputs``. Exact (the chain rule); with separate heads the heads are back-propagated once per task
     instead of ``T`` times each by the batched backward of the whole graph."""
+    return split_jacobians([outputs], [rows], [through], inputs, plan, scale=scale)[0]
+
+
+def split_jacobians(
+    outputs: Sequence[Tensor],
+    rows: Sequence[Sequence[Tensor]],
+    throughs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    plan: SplitPlan,
+    *,
+    scale: float | None = None,
+) -> list[Tensor]:
+    """:func:`split_jacobian` of ``k`` independent graphs at once (the disjoint batch parts of MoDo and SDMGrad):
+    part ``p``'s losses ``outputs[p]`` reach ``inputs`` only through its own representation ``throughs[p]``
+    (:func:`split_plan` of each part; then no part's losses reach another part's representation either, since
+    that one leads to ``inputs`` too). The first phase then takes every part's gradients at its representation
+    together: one backward per task (``"per_task"``) or one batched backward (``"batched"``) for all ``k``
+    parts instead of one per part, since the gradient of ``Σₚ Lₜ⁽ᵖ⁾`` at ``throughs[p]`` is that of
+    ``Lₜ⁽ᵖ⁾`` alone. The second phase is one batched backward per part through its trunk."""
     s = 1.0 if scale is None else float(scale)
-    T = outputs.shape[0]
-    (at_rep,) = _batched_grad(outputs, [through], s, plan == "batched", rows)  # [T, *through.shape], scaled
-    if at_rep is None:
-        at_rep = torch.zeros((T, *through.shape), device=through.device, dtype=through.dtype)
-    grads = torch.autograd.grad(
-        through, inputs, grad_outputs=at_rep, retain_graph=True, allow_unused=True, is_grads_batched=True
-    )
-    return _flatten_columns(list(grads), inputs, outputs, s)
+    T = outputs[0].shape[0]
+    if plan == "per_task":
+        per_task = [
+            torch.autograd.grad(
+                [r[t] for r in rows],
+                list(throughs),
+                grad_outputs=[torch.full((), s, device=r[t].device, dtype=r[t].dtype) for r in rows],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for t in range(T)
+        ]
+        at_reps: list[Tensor | None] = [
+            None
+            if all(g[p] is None for g in per_task)
+            else torch.stack([torch.zeros_like(z) if g[p] is None else g[p] for g in per_task])
+            for p, z in enumerate(throughs)
+        ]
+    else:
+        at_reps = list(
+            torch.autograd.grad(
+                list(outputs),
+                list(throughs),
+                grad_outputs=[torch.eye(T, device=L.device, dtype=L.dtype) * s for L in outputs],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
+    out = []
+    for L, z, at_rep in zip(outputs, throughs, at_reps, strict=True):  # [T, *z.shape] each, scaled
+        if at_rep is None:
+            at_rep = torch.zeros((T, *z.shape), device=z.device, dtype=z.dtype)
+        grads = torch.autograd.grad(
+            z, inputs, grad_outputs=at_rep, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        out.append(_flatten_columns(list(grads), inputs, L, s))
+    return out
 
 
 def _flatten_columns(
@@ -196,13 +245,53 @@ class JacobianEngine:
         path from a loss to an input passes through the representation (:func:`split_plan`), it is computed
         through the representation (:func:`split_jacobian`: the same Jacobian, without back-propagating every
         head ``T`` times)."""
-        if self.batched and rows is not None and through is not None and len(rows) >= SPLIT_MIN_TASKS:
-            plan = split_plan(rows, through, inputs)
-            if plan is not None:
-                try:
-                    return split_jacobian(outputs, rows, through, inputs, plan, scale=scale)
-                except RuntimeError:
-                    pass  # e.g. an operation without a vmap rule: the plain batched backward (and its fallback)
+        return self.parts([outputs], inputs, scale, rows=[rows], throughs=[through])[0]
+
+    def parts(
+        self,
+        outputs: Sequence[Tensor],
+        inputs: Sequence[Tensor],
+        scale: float | None = None,
+        *,
+        rows: Sequence[Sequence[Tensor] | None] | None = None,
+        throughs: Sequence[Tensor | None] | None = None,
+    ) -> list[Tensor]:
+        """The Jacobians of ``k`` independent graphs' losses (the disjoint batch parts of MoDo and SDMGrad), as
+        :meth:`__call__` of each; through the parts' representations together (:func:`split_jacobians`) where
+        every part can be split."""
+        k = len(outputs)
+        rows_of = list(rows) if rows is not None else [None] * k
+        zs = list(throughs) if throughs is not None else [None] * k
+        split = self._split(outputs, inputs, scale, rows_of, zs)
+        if split is not None:
+            return split
+        return [self._whole(L, inputs, scale, r) for L, r in zip(outputs, rows_of, strict=True)]
+
+    def _split(
+        self,
+        outputs: Sequence[Tensor],
+        inputs: Sequence[Tensor],
+        scale: float | None,
+        rows: list[Sequence[Tensor] | None],
+        throughs: list[Tensor | None],
+    ) -> list[Tensor] | None:
+        if not self.batched or any(r is None or len(r) < SPLIT_MIN_TASKS for r in rows):
+            return None
+        if any(z is None for z in throughs) or len({id(z) for z in throughs}) < len(throughs):
+            return None
+        plans = [split_plan(r, z, inputs) for r, z in zip(rows, throughs)]  # type: ignore[arg-type]
+        if None in plans:
+            return None
+        plan: SplitPlan = "per_task" if all(p == "per_task" for p in plans) else "batched"
+        # a RuntimeError (e.g. an operation without a vmap rule): the plain batched backward and its fallback
+        try:
+            return split_jacobians(outputs, rows, throughs, inputs, plan, scale=scale)  # type: ignore[arg-type]
+        except RuntimeError:
+            return None
+
+    def _whole(
+        self, outputs: Tensor, inputs: Sequence[Tensor], scale: float | None, rows: Sequence[Tensor] | None
+    ) -> Tensor:
         if self.batched:
             try:
                 return jacobian(outputs, inputs, batched=True, scale=scale)
@@ -213,7 +302,7 @@ class JacobianEngine:
                     f"{self.owner}: the batched (vmap) backward failed ({str(err).splitlines()[0][:200]}); "
                     "computing per-task gradients with one backward pass per task from now on (slower). "
                     "Pass jacobian='loop' to silence this.",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 self.batched = False
         return jacobian(outputs, inputs, batched=False, scale=scale, rows=rows)

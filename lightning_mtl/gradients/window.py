@@ -60,6 +60,7 @@ from lightning_mtl.gradients.sources import (
     marked_representation,
     shared_parameters_of,
 )
+from lightning_mtl.nonfinite import tensor_finite
 from lightning_mtl.step import StepContext, reduce_mean
 
 Target = Literal["parameters", "representation"]
@@ -247,12 +248,12 @@ class TaskGradients:
             scale = grad_scale(ctx.trainer)
             params = self.parameters(ctx.module)
             rows = ctx.part_rows or [(None, None)] * len(ctx.part_losses)
-            parts = torch.stack(  # [k, T, P]; each part's through its marked representation where possible
-                [
-                    self._engine(L, params, scale, rows=part_rows, through=z).detach()
-                    for L, (part_rows, z) in zip(ctx.part_losses, rows, strict=True)
-                ]
-            )
+            # [k, T, P]; through the parts' marked representations together where possible
+            parts = torch.stack(
+                self._engine.parts(
+                    ctx.part_losses, params, scale, rows=[r for r, _ in rows], throughs=[z for _, z in rows]
+                )
+            ).detach()
         T = parts.shape[1]
         if ctx.part_counts is None:  # each part's share of the batch, the same for every task
             sizes = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)
@@ -363,7 +364,7 @@ class TaskGradients:
     def check_finite(self, ctx: StepContext, statistic: Tensor) -> bool:
         """``True`` when ``statistic`` is finite; ``False`` on an AMP overflow (the GradScaler will skip the
         step); otherwise a ``FloatingPointError`` naming the owner and the losses."""
-        finite = torch.isfinite(statistic).all()
+        finite = tensor_finite(statistic)
         if self._shards is not None and ctx.world_size > 1:
             finite = (
                 reduce_mean(ctx.trainer, finite.float()) == 1

@@ -28,7 +28,7 @@ class SDMGrad(SimplexStateDirection):
     As in the authors' code, LibMTL and TorchJD, ``M = J_ξJ_ξ′ᵀ`` is divided by the square of the mean of ``√Mᵢᵢ``
     before the inner loop (so that ``lr`` does not depend on the gradients' scale); see
     :func:`~lightning_mtl.functional.sdmgrad.sdmgrad_weights`. The inner loop runs in float64 on the device of
-    the gradients, without host synchronisation.
+    the gradients, without host synchronisation (on the CPU in NumPy, the same operations).
 
     **Independent samples from the batch.** ``ξ``, ``ξ′`` and ``ζ`` are three disjoint contiguous slices of each
     training batch along dim 0: parts 0, 1 and 2 (``batch_parts = 3``,

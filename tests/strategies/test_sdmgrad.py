@@ -356,3 +356,21 @@ def test_the_inner_loop_runs_on_the_device_without_host_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert d.device.type == "cuda" and w.device.type == "cuda" and w.dtype == F64
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_cpu_inner_loop_in_numpy_equals_the_torch_loop(seed):
+    # the CPU runs the inner projected SGD in NumPy; accelerators run the torch loop: the same steps
+    from lightning_mtl.functional.sdmgrad import _inner_sgd, _inner_sgd_numpy
+
+    g = torch.Generator().manual_seed(seed)
+    T = [2, 3, 5, 10, 40, 1][seed]
+    A = torch.randn(T, T, generator=g, dtype=F64)
+    b = torch.randn(T, generator=g, dtype=F64) * 0.1
+    w = torch.rand(T, generator=g, dtype=F64)
+    w = w / w.sum()
+    for lr, momentum, n_iter in ((10.0, 0.5, 20), (0.3, 0.0, 7), (50.0, 0.9, 3)):
+        expected = _inner_sgd(A, b, w, lr, momentum, n_iter)
+        got = torch.from_numpy(_inner_sgd_numpy(A.numpy(), b.numpy(), w.numpy(), lr, momentum, n_iter))
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+        assert abs(float(got.sum()) - 1.0) < 1e-12 and bool((got >= 0).all())

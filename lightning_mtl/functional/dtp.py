@@ -52,9 +52,13 @@ def dtp_focal_weight(kpi: Tensor, gamma: float | Tensor = 2.0, eps: float = DTP_
     """
     _check_vector("kpi", kpi)
     _check_eps(eps)
+    return _focal(kpi, _gamma_tensor(gamma, kpi), eps)
+
+
+def _focal(kpi: Tensor, gamma: Tensor, eps: float) -> Tensor:
+    """:func:`dtp_focal_weight` on checked arguments (``gamma`` a tensor on ``kpi``'s device)."""
     k = kpi.clamp(eps, 1.0 - eps)
-    g = _gamma_tensor(gamma, k)
-    return -torch.pow(1.0 - k, g) * torch.log(k)
+    return -torch.pow(1.0 - k, gamma) * torch.log(k)
 
 
 def dtp_ema(previous: Tensor | None, kpi: Tensor, alpha: float) -> Tensor:
@@ -86,8 +90,14 @@ def dtp_weights(
         if size < 1:
             raise ValueError(f"dtp_weights needs size >= 1 when kpi_ema is None, got {size}.")
         return torch.ones(size, dtype=torch.float64)
-    w = dtp_focal_weight(kpi_ema.nan_to_num(0.5), gamma, eps)
-    return torch.where(torch.isnan(kpi_ema), torch.ones_like(w), w)
+    _check_vector("kpi_ema", kpi_ema)
+    _check_eps(eps)
+    return _weights(kpi_ema, _gamma_tensor(gamma, kpi_ema), eps)
+
+
+def _weights(kpi_ema: Tensor, gamma: Tensor, eps: float) -> Tensor:
+    """:func:`dtp_weights` on checked arguments (``gamma`` a tensor on ``kpi_ema``'s device and dtype)."""
+    return torch.where(torch.isnan(kpi_ema), 1.0, _focal(kpi_ema.nan_to_num(0.5), gamma, eps))
 
 
 def dtp_loss(

@@ -16,12 +16,13 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
+    BinaryF1Score,
     BinaryHammingDistance,
     MulticlassAccuracy,
     MulticlassPrecision,
     MulticlassRecall,
 )
-from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 from torchmetrics.regression import MeanAbsoluteError, PearsonCorrCoef
 
 from lightning_mtl import MultiTaskModule, Task
@@ -616,13 +617,61 @@ def auroc_tasks() -> list[Task]:
     return tasks
 
 
+class GroupedKPINet(KPINet):
+    """KPINet's tasks a (AUROC: concatenated states) and b (multiclass accuracy: summed, computed alone), and
+    three binary tasks whose KPIs are computed together by class: c and e (accuracy, one group), d (F1)."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        extra = [
+            Task("c", metrics={"acc": BinaryAccuracy()}),
+            Task("d", metrics={"f1": BinaryF1Score()}),
+            Task("e", metrics={"acc": BinaryAccuracy(threshold=0.3)}),
+        ]
+        super().__init__(lr=lr, tasks=auroc_tasks() + extra)
+        torch.manual_seed(1)
+        self.extra = nn.ModuleDict({n: nn.Linear(8, 1) for n in "cde"})
+        self.extra_outputs: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def task_losses(self, batch, batch_idx):
+        losses, outputs = super().task_losses(batch, batch_idx)
+        x, y = batch
+        z = self.encoder(x)
+        for i, n in enumerate("cde"):
+            logits = self.extra[n](z).squeeze(1)
+            target = (y[:, i % 3] * (1 if n != "e" else -1) > 0).long()
+            losses[n] = nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+            outputs[n] = (logits.detach().sigmoid(), target)
+        if torch.is_grad_enabled():
+            self.extra_outputs.append({n: outputs[n] for n in "cde"})
+        return losses, outputs
+
+
+def test_binary_kpis_of_one_class_are_computed_together_and_equal_each_metric_alone():
+    net, recorder, dtp = GroupedKPINet(), KPIRecorder(), DTP(alpha=1.0)
+    trainer(max_epochs=1, callbacks=[dtp, recorder]).fit(net, loader(make_data(n=48), batch_size=16))
+    groups = sorted(group.index.tolist() for group in dtp._reader._groups)
+    assert groups == [[2, 4], [3]]  # c and e (accuracy; the threshold is the update's, not compute's), d (F1)
+    assert [p is None for p in dtp._reader._probes] == [False, False, True, True, True]
+    reference = {
+        "c": binary_accuracy,
+        "d": binary_f1_score,
+        "e": lambda p, t: binary_accuracy(p, t, threshold=0.3),
+    }
+    assert len(recorder.averages) == len(net.extra_outputs) == 3
+    for seen, outputs in zip(recorder.averages, net.extra_outputs):
+        for n, (preds, target) in outputs.items():
+            assert seen[n] == pytest.approx(float(reference[n](preds, target)), abs=1e-7), n
+    assert len({tuple(r.values()) for r in recorder.averages}) > 1
+
+
 @pytest.mark.timeout(240)
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
+    # every way of reading a KPI: gathered (AUROC), summed alone (multiclass accuracy), summed together (c, d, e)
     single, rank0, rank1 = ddp_parity_records(
         tmp_path,
         lambda: DTP(alpha=0.5),
         epochs=3,
-        model=lambda: KPINet(lr=0.1, tasks=auroc_tasks()),
+        model=GroupedKPINet,
         tag="dtp",
     )
     assert torch.equal(rank0["params"], rank1["params"])
@@ -647,3 +696,24 @@ def test_cli_registry_reaches_dtp_when_registered():
     except Exception:  # not registered yet (a shared file): nothing to check
         pytest.skip("DTP is not in the CLI registry yet")
     assert cls is DTP
+
+
+def test_only_elementwise_binary_kpis_are_computed_together():
+    from torchmetrics.classification import BinaryFBetaScore, BinaryPrecision
+
+    from lightning_mtl.strategies.dtp import _stack_key
+
+    class MyAccuracy(BinaryAccuracy):  # may compute otherwise
+        pass
+
+    assert _stack_key(BinaryAccuracy()) == _stack_key(BinaryAccuracy(threshold=0.7))
+    assert _stack_key(BinaryPrecision()) != _stack_key(BinaryPrecision(zero_division=1.0))
+    assert _stack_key(BinaryFBetaScore(beta=2.0)) != _stack_key(BinaryFBetaScore(beta=0.5))
+    for alone in (
+        MyAccuracy(),
+        BinaryAccuracy(multidim_average="samplewise"),
+        MulticlassAccuracy(num_classes=3),
+        BinaryAUROC(),
+        1 - BinaryHammingDistance(),
+    ):
+        assert _stack_key(alone) is None, alone

@@ -394,8 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default 64, quick 6")
     parser.add_argument("--width", type=int, default=None, help="ResNet base width (default 64, quick 8)")
     parser.add_argument("--size", type=int, default=None, help="input height = width (default 64, quick 16)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default torch's; on the CPU use 1: the clock is the main thread's CPU time)",
+    )
     parser.add_argument("--output", default=None, help="also write the Markdown tables to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device available; skipping (use --device cpu --quick for a CPU smoke run).")
         return 0
@@ -425,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in trunk.parameters())
     out = [
         f"{card}, torch {torch.__version__}, ResNet-18 trunk (width {args.width}, {params / 1e6:.2f} M shared "
-        f"parameters) on 3×{args.size}×{args.size}, batch {args.batch_size}, {args.steps} steps; times are "
+        f"parameters) on 3×{args.size}×{args.size}, batch {args.batch_size}, {args.steps} steps, "
+        f"{torch.get_num_threads()} torch thread(s); times are "
         "medians after a warm-up, memory is the peak over two steps.\n"
     ]
     print(out[0], flush=True)

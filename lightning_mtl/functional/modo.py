@@ -122,5 +122,7 @@ def modo_direction(
     _check_parts(parts, _METHOD, counts=(2, 3))
     M = cross_gramian(parts[0], parts[1])
     new = modo_weights(M if reduce is None else reduce(M), lam, gamma=gamma, rho=rho)
-    direction = parts[2] if parts.shape[0] == 3 else 0.5 * (parts[0] + parts[1])
-    return new.to(parts.dtype) @ direction, new
+    if parts.shape[0] == 3:
+        return new.to(parts.dtype) @ parts[2], new
+    half = (0.5 * new).to(parts.dtype)  # ½(J₀ + J₁)ᵀλ in one pass over both parts, without forming J₀ + J₁
+    return torch.cat([half, half]) @ parts.reshape(2 * parts.shape[1], -1), new

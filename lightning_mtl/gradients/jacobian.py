@@ -145,14 +145,14 @@ def split_jacobians(
     plan: SplitPlan,
     *,
     scale: float | None = None,
-) -> list[Tensor]:
+) -> Tensor:
     """:func:`split_jacobian` of ``k`` independent graphs at once (the disjoint batch parts of MoDo and SDMGrad):
     part ``p``'s losses ``outputs[p]`` reach ``inputs`` only through its own representation ``throughs[p]``
     (:func:`split_plan` of each part; then no part's losses reach another part's representation either, since
     that one leads to ``inputs`` too). The first phase then takes every part's gradients at its representation
     together: one backward per task (``"per_task"``) or one batched backward (``"batched"``) for all ``k``
     parts instead of one per part, since the gradient of ``Σₚ Lₜ⁽ᵖ⁾`` at ``throughs[p]`` is that of
-    ``Lₜ⁽ᵖ⁾`` alone. The second phase is one batched backward per part through its trunk."""
+    ``Lₜ⁽ᵖ⁾`` alone. The second phase is one batched backward per part through its trunk. Returns ``[k, T, P]``."""
     s = 1.0 if scale is None else float(scale)
     T = outputs[0].shape[0]
     if plan == "per_task":
@@ -183,23 +183,42 @@ def split_jacobians(
                 is_grads_batched=True,
             )
         )
-    out = []
-    for L, z, at_rep in zip(outputs, throughs, at_reps, strict=True):  # [T, *z.shape] each, scaled
+    out: Tensor | None = None
+    for p, (L, z, at_rep) in enumerate(zip(outputs, throughs, at_reps, strict=True)):  # [T, *z.shape], scaled
         if at_rep is None:
             at_rep = torch.zeros((T, *z.shape), device=z.device, dtype=z.dtype)
         grads = torch.autograd.grad(
             z, inputs, grad_outputs=at_rep, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
-        out.append(_flatten_columns(list(grads), inputs, L, s))
+        if out is None:  # [k, T, P]: each part's columns written in place (no stack of the parts)
+            P = sum(x.numel() for x in inputs)
+            dtype = torch.promote_types(L.dtype, torch.float32)
+            out = torch.empty((len(outputs), T, P), device=L.device, dtype=dtype)
+        _flatten_columns(list(grads), inputs, L, s, out=out[p])
+    assert out is not None
     return out
 
 
 def _flatten_columns(
-    grads: list[Tensor | None], inputs: Sequence[Tensor], outputs: Tensor, s: float
+    grads: list[Tensor | None], inputs: Sequence[Tensor], outputs: Tensor, s: float, out: Tensor | None = None
 ) -> Tensor:
-    """``[T, P]``: each input's per-task gradients flattened (zeros where unreached), concatenated, unscaled."""
+    """``[T, P]``: each input's per-task gradients flattened (zeros where unreached), concatenated, unscaled;
+    written into ``out`` when given."""
     T = outputs.shape[0]
-    dtype = torch.promote_types(outputs.dtype, torch.float32)
+    dtype = torch.promote_types(outputs.dtype, torch.float32) if out is None else out.dtype
+    if out is not None:
+        offset = 0
+        for g, x in zip(grads, inputs):
+            n = x.numel()
+            column = out[:, offset : offset + n]
+            if g is None:
+                column.zero_()
+            else:  # in out's dtype first, then unscaled, as the path below
+                column.copy_(g.reshape(T, n))
+                if s != 1.0:
+                    column.div_(s)
+            offset += n
+        return out
     cols = []
     for g, x in zip(grads, inputs):
         if g is None:
@@ -255,17 +274,19 @@ class JacobianEngine:
         *,
         rows: Sequence[Sequence[Tensor] | None] | None = None,
         throughs: Sequence[Tensor | None] | None = None,
-    ) -> list[Tensor]:
-        """The Jacobians of ``k`` independent graphs' losses (the disjoint batch parts of MoDo and SDMGrad), as
-        :meth:`__call__` of each; through the parts' representations together (:func:`split_jacobians`) where
-        every part can be split."""
+    ) -> Tensor:
+        """The Jacobians ``[k, T, P]`` of ``k`` independent graphs' losses (the disjoint batch parts of MoDo and
+        SDMGrad), as :meth:`__call__` of each; through the parts' representations together
+        (:func:`split_jacobians`) where every part can be split."""
         k = len(outputs)
         rows_of = list(rows) if rows is not None else [None] * k
         zs = list(throughs) if throughs is not None else [None] * k
         split = self._split(outputs, inputs, scale, rows_of, zs)
         if split is not None:
             return split
-        return [self._whole(L, inputs, scale, r) for L, r in zip(outputs, rows_of, strict=True)]
+        if k == 1:
+            return self._whole(outputs[0], inputs, scale, rows_of[0]).unsqueeze(0)
+        return torch.stack([self._whole(L, inputs, scale, r) for L, r in zip(outputs, rows_of, strict=True)])
 
     def _split(
         self,
@@ -274,7 +295,7 @@ class JacobianEngine:
         scale: float | None,
         rows: list[Sequence[Tensor] | None],
         throughs: list[Tensor | None],
-    ) -> list[Tensor] | None:
+    ) -> Tensor | None:
         if not self.batched or any(r is None or len(r) < SPLIT_MIN_TASKS for r in rows):
             return None
         if any(z is None for z in throughs) or len({id(z) for z in throughs}) < len(throughs):

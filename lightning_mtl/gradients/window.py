@@ -249,10 +249,8 @@ class TaskGradients:
             params = self.parameters(ctx.module)
             rows = ctx.part_rows or [(None, None)] * len(ctx.part_losses)
             # [k, T, P]; through the parts' marked representations together where possible
-            parts = torch.stack(
-                self._engine.parts(
-                    ctx.part_losses, params, scale, rows=[r for r, _ in rows], throughs=[z for _, z in rows]
-                )
+            parts = self._engine.parts(
+                ctx.part_losses, params, scale, rows=[r for r, _ in rows], throughs=[z for _, z in rows]
             ).detach()
         T = parts.shape[1]
         if ctx.part_counts is None:  # each part's share of the batch, the same for every task
@@ -277,7 +275,7 @@ class TaskGradients:
                 "target='parameters')."
             )
         if self._parts_J is None:
-            parts = self._part_sum / self.count
+            parts = self._part_sum if self.count == 1 else self._part_sum / self.count
             sharded = self._shards is not None
             self._parts_J = reduce_mean(ctx.trainer, parts) if self._ranks(ctx) > 1 and not sharded else parts
         return self._parts_J
@@ -327,7 +325,7 @@ class TaskGradients:
             self._J = self.part_mean(ctx)
         if self._J is None:
             assert self._sum is not None, "no micro-batch was added"
-            J = self._sum / self.count
+            J = self._sum if self.count == 1 else self._sum / self.count
             self._J = reduce_mean(ctx.trainer, J) if self._ranks(ctx) > 1 else J
         return self._J
 
@@ -440,10 +438,22 @@ class TaskGradients:
             J_s = self.part_mean(ctx)
             total = heads + self._shards.term((direction.to(J_s) - head_weights.to(J_s) @ J_s) * self.count)
         else:
-            J = self.jacobian(ctx)
-            total = heads + self.count * self._parameter_term(ctx, direction.to(J) - head_weights.to(J) @ J)
+            combined = self._combination(ctx, head_weights)
+            total = heads + self.count * self._parameter_term(ctx, direction.to(combined) - combined)
         self.reset()
         ctx.backward(total)
+
+    def _combination(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
+        """``cᵀJ`` ``[P]`` of the window's Jacobian; with batch parts straight from the parts' Jacobians (``J`` is
+        their size-weighted mean: ``Σₖₜ cₜ fₖₜ Jₖₜ``, one pass, without forming ``J``)."""
+        if self._part_sum is None or self._J is not None:
+            J = self.jacobian(ctx)
+            return coefficients.to(J) @ J
+        assert self._part_fractions is not None
+        parts = self.part_jacobians(ctx)
+        k, T, P = parts.shape
+        c = (self._part_fractions.to(parts) * coefficients.to(parts)[None, :]).reshape(k * T)
+        return c @ parts.reshape(k * T, P)
 
     def backward_representation(self, ctx: StepContext, combined: Sequence[Tensor]) -> None:
         """One backward in which micro-batch ``m``'s representation receives ``combined[m]`` (flat, this rank's)

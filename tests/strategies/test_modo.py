@@ -401,3 +401,20 @@ def test_the_step_runs_on_the_device_without_host_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert d.device.type == "cuda" and lam.device.type == "cuda"
+
+
+class DeadTaskNet(TinyNet):
+    """Task c's loss does not reach the shared encoder (its head reads a detached representation)."""
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        z = self.encoder(x)
+        out = {t: torch.nn.functional.mse_loss(self.heads[t](z).squeeze(1), y[:, i]) for i, t in enumerate("ab")}
+        out["c"] = torch.nn.functional.mse_loss(self.heads["c"](z.detach()).squeeze(1), y[:, 2])
+        return out
+
+
+def test_a_task_whose_parts_never_reach_the_shared_parameters_warns_once():
+    with pytest.warns(RuntimeWarning, match="'c' has a zero gradient") as record:
+        trainer(max_epochs=2, callbacks=[MoDo()]).fit(DeadTaskNet(), loader(make_data(n=32), batch_size=8))
+    assert sum("zero gradient" in str(w.message) for w in record) == 1

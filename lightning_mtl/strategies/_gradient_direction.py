@@ -154,7 +154,9 @@ class GradientDirection(GradientWeighting):
         weights = result.weights.detach().to(device=ctx.losses.device, dtype=torch.float32)
         # each task's squared gradient norm (summed over the batch parts: zero when no part's loss reaches the
         # shared parameters), in one pass over J; on a sharded model summed over the shards
-        squared = torch.linalg.vector_norm(J, dim=-1).double().square()  # in J's dtype: 20× faster than float64
+        squared = (
+            torch.linalg.vector_norm(J, dim=-1).double().square()
+        )  # in J's dtype: 20× faster than float64
         squared = squared if squared.dim() == 1 else squared.sum(0)
         reduce = self._gradients.column_reduce
         if reduce is not None:

@@ -409,7 +409,9 @@ class DeadTaskNet(TinyNet):
     def task_losses(self, batch, batch_idx):
         x, y = batch
         z = self.encoder(x)
-        out = {t: torch.nn.functional.mse_loss(self.heads[t](z).squeeze(1), y[:, i]) for i, t in enumerate("ab")}
+        out = {
+            t: torch.nn.functional.mse_loss(self.heads[t](z).squeeze(1), y[:, i]) for i, t in enumerate("ab")
+        }
         out["c"] = torch.nn.functional.mse_loss(self.heads["c"](z.detach()).squeeze(1), y[:, 2])
         return out
 

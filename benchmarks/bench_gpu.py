@@ -8,7 +8,7 @@ Two parts per (T, precision):
    defaults; the representation is marked, so ``GradDrop`` and ``MGDA(mode="representation")`` run) in
    ``Trainer.fit`` with ``precision`` = ``32-true`` / ``bf16-mixed`` / ``16-mixed``. Time per step: median
    wall time (after ``torch.cuda.synchronize``; on the CPU, main-thread CPU time) of the steps after a
-   warm-up; peak memory:
+   warm-up (``--repeats N``: N interleaved runs per strategy, their median and best); peak memory:
    ``torch.cuda.max_memory_allocated`` over two steps, minus what was allocated before them. Ratios are to
    ``EqualWeighting`` in the same run.
 2. **Plain torch loop, ours vs TorchJD**: one hand-written step for both libraries on the same model and batch
@@ -210,30 +210,58 @@ def strategy_factories(names: list[str] | None) -> tuple[dict[str, Callable[[], 
 
 def lightning_part(num_tasks: int, precision: str, args: argparse.Namespace) -> str:
     factories, skipped = strategy_factories(args.strategy_list)
+    times: dict[str, list[float]] = {name: [] for name in factories}
+    memory: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    batches = {
+        name: args.batch_size
+        - args.batch_size % (getattr(f(), "batch_parts", 1) if name != "EqualWeighting" else 1)
+        for name, f in factories.items()  # MoDo/SDMGrad split the batch into 2 or 3
+    }
+    order = list(factories)
+    for r in range(args.repeats):  # interleaved, in reverse order every other repeat
+        for name in order if r % 2 == 0 else order[::-1]:
+            if name in failed:
+                continue
+            try:
+                t, m = lightning_run(factories[name], num_tasks, precision, args, batches[name])
+            except Exception as err:  # one strategy failing must not lose the others' numbers
+                failed[name] = f"{type(err).__name__}: {str(err)[:60]}"
+                print(f"  {name}: {type(err).__name__}: {err}", flush=True)
+                continue
+            times[name].append(t)
+            memory.setdefault(name, m)
+            print(f"  {name}: {t * 1e3:.2f} ms/step, {_mib(m)} MiB", flush=True)
+    base = times.get("EqualWeighting") or [float("nan")]
+    base_t, base_b, base_m = statistics.median(base), min(base), memory.get("EqualWeighting", float("nan"))
     rows = []
-    base_t = base_m = float("nan")
-    for name, factory in factories.items():
-        parts = getattr(factory(), "batch_parts", 1) if name != "EqualWeighting" else 1
-        batch = args.batch_size - args.batch_size % parts  # MoDo/SDMGrad split the batch into 3
-        try:
-            t, m = lightning_run(factory, num_tasks, precision, args, batch)
-        except Exception as err:  # one strategy failing must not lose the others' numbers
-            rows.append([name, "error", "", "", f"{type(err).__name__}: {str(err)[:60]}"])
-            print(f"  {name}: {type(err).__name__}: {err}", flush=True)
+    for name in order:
+        label = name + ("" if batches[name] == args.batch_size else f" (batch {batches[name]})")
+        if name in failed:
+            rows.append([label, "error", "", "", "", "", failed[name]])
             continue
-        if name == "EqualWeighting":
-            base_t, base_m = t, m
+        t, b, m = statistics.median(times[name]), min(times[name]), memory[name]
         rows.append(
             [
-                name + ("" if batch == args.batch_size else f" (batch {batch})"),
+                label,
                 f"{t * 1e3:.2f}",
                 _ratio(t, base_t),
+                f"{b * 1e3:.2f}",
+                _ratio(b, base_b),
                 _mib(m),
                 _ratio(m, base_m),
             ]
         )
-        print(f"  {name}: {t * 1e3:.2f} ms/step, {_mib(m)} MiB", flush=True)
-    table = markdown_table(["strategy", "ms/step", "time vs equal", "peak MiB", "memory vs equal"], rows)
+    header = [
+        "strategy",
+        "ms/step",
+        "time vs equal",
+        "best ms/step",
+        "best vs equal",
+        "peak MiB",
+        "memory vs equal",
+    ]
+    table = markdown_table(header, rows)
     return table + (f"\n\nSkipped: {', '.join(skipped)}" if skipped else "")
 
 
@@ -394,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default 64, quick 6")
     parser.add_argument("--width", type=int, default=None, help="ResNet base width (default 64, quick 8)")
     parser.add_argument("--size", type=int, default=None, help="input height = width (default 64, quick 16)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Lightning-path runs per strategy, interleaved (median and best)",
+    )
     parser.add_argument(
         "--threads",
         type=int,

@@ -98,6 +98,16 @@ def reference() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     return grams, params
 
 
+def error_of(call: Callable[[], Any], expected: type[Exception]) -> str:
+    """The message of the ``expected`` error ``call()`` raises (another error propagates), or ``""`` if none: what a
+    spawned rank records for the parent to assert on."""
+    try:
+        call()
+    except expected as err:
+        return str(err)
+    return ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ from shard_helpers import (
     HEADS,
     LR,
     Net,
+    error_of,
     losses,
     model_class,
     module_and_batch,
@@ -101,18 +102,11 @@ def _worker(rank: int, world: int) -> dict:
     # FULL_SHARD frees the parameters after the forward: a clear error, not wrong numbers
     net, root, shared = _wrap("trunk_unit", "FULL_SHARD")
     losses(root, x, y)
-    try:
-        FlatShards.of(fsdp1_units(root), shared, "UPGrad")
-        record["error"] = ""
-    except RuntimeError as err:
-        record["error"] = str(err)
+    record["error"] = error_of(lambda: FlatShards.of(fsdp1_units(root), shared, "UPGrad"), RuntimeError)
     net, root, shared = _wrap("trunk_unit")
     losses(root, x, y)
-    try:
-        FlatShards.of(fsdp1_units(root), [nn.Parameter(torch.zeros(2))], "UPGrad")
-        record["foreign"] = ""
-    except ValueError as err:
-        record["foreign"] = str(err)
+    foreign = [nn.Parameter(torch.zeros(2))]
+    record["foreign"] = error_of(lambda: FlatShards.of(fsdp1_units(root), foreign, "UPGrad"), ValueError)
     return record
 
 

@@ -21,6 +21,7 @@ from shard_helpers import (
     LR,
     Net,
     data,
+    error_of,
     losses,
     one_process_runs,
     rank_batch,
@@ -93,11 +94,7 @@ def _worker(rank: int, world: int) -> dict:
     fully_shard(other.trunk, mesh=init_device_mesh("cpu", (world,)))
     fully_shard(other, mesh=init_device_mesh("cpu", (world,)))
     L = losses(other, *rank_batch(rank, world))
-    try:
-        shard_jacobian(L, list(other.trunk.parameters()))
-        record["error"] = ""
-    except ValueError as err:
-        record["error"] = str(err)
+    record["error"] = error_of(lambda: shard_jacobian(L, list(other.trunk.parameters())), ValueError)
     return record
 
 

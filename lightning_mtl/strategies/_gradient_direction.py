@@ -153,10 +153,9 @@ class GradientDirection(GradientWeighting):
             result = self._present_direction(J, losses, [i for i, ok in enumerate(present) if ok])
         weights = result.weights.detach().to(device=ctx.losses.device, dtype=torch.float32)
         # each task's squared gradient norm (summed over the batch parts: zero when no part's loss reaches the
-        # shared parameters), in one pass over J; on a sharded model summed over the shards
-        squared = (
-            torch.linalg.vector_norm(J, dim=-1).double().square()
-        )  # in J's dtype: 20× faster than float64
+        # shared parameters), in one pass over J (the norm in J's dtype: 20× faster than in float64); on a
+        # sharded model summed over the shards
+        squared = torch.linalg.vector_norm(J, dim=-1).double().square()
         squared = squared if squared.dim() == 1 else squared.sum(0)
         reduce = self._gradients.column_reduce
         if reduce is not None:

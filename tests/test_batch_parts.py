@@ -9,7 +9,9 @@ from collections import namedtuple
 import pytest
 import torch
 from helpers import TinyNet, ddp_parity_records, flat_params, loader, make_data, trainer
+from lightning.pytorch.plugins import MixedPrecision
 
+from lightning_mtl import masked_mean
 from lightning_mtl.batch_parts import batch_length, part_sizes, split_batch
 from lightning_mtl.strategies import EqualWeighting
 from lightning_mtl.strategies._gradient_direction import Direction, GradientDirection
@@ -137,3 +139,92 @@ def test_parts_are_exact_under_ddp(tmp_path):
     )
     torch.testing.assert_close(rank0["params"], rank1["params"], atol=0, rtol=0)
     torch.testing.assert_close(single["params"], rank0["params"], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ the held-out last part
+class HeldOut(PlainDirection):
+    """``d = ½J₀ᵀ1 + J₂ᵀc`` with fixed ``c`` and head weights ``h``: with the last part held out (the window's one
+    vector-Jacobian product) or formed (``hold=False``: ``J₂ᵀc`` from the Jacobian), which must agree."""
+
+    C = (0.7, -0.4, 1.3)
+    H = (1.0, 2.0, 0.5)
+
+    def __init__(self, hold: bool = True, shared: bool = True, **kwargs):
+        super().__init__(parts=3, **kwargs)
+        self.holds_out_last_part = hold
+        self.shared = shared
+
+    def compute_direction(self, jacobian, losses):
+        self.seen.append(tuple(jacobian.shape))
+        c = torch.tensor(self.C, dtype=jacobian.dtype)
+        h = torch.tensor(self.H)
+        d = 0.5 * jacobian[0].sum(0) if self.shared else None
+        if jacobian.shape[0] < self.batch_parts:
+            return Direction(d, torch.ones(3), h, held=c)
+        full = c @ jacobian[2] if d is None else d + c @ jacobian[2]
+        return Direction(full, torch.ones(3), h)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "accumulate", "shared"), [(12, 1, True), (10, 1, True), (12, 2, True), (12, 2, False)]
+)
+def test_a_held_out_last_part_gives_the_update_of_its_formed_jacobian(batch_size, accumulate, shared):
+    # unequal parts (10 = 4 + 3 + 3), accumulation, and a direction that is the held-out part's alone; the heads
+    # get Σ hᵢ∇Lᵢ (h ≠ 1) in both
+    held, formed = HeldOut(shared=shared), HeldOut(hold=False, shared=shared)
+    got = _fit(held, batch_size=batch_size, accumulate=accumulate)
+    torch.testing.assert_close(
+        got, _fit(formed, batch_size=batch_size, accumulate=accumulate), atol=1e-6, rtol=0
+    )
+    assert held.seen and all(shape[:2] == (2, 3) for shape in held.seen)
+    assert formed.seen and all(shape[:2] == (3, 3) for shape in formed.seen)
+
+
+class PartialEvery(TinyNet):
+    """Task b's loss is a masked mean (partial labels, every sample labelled) on the batches ``partial(batch_idx)``
+    selects and a plain mean on the others: the same values, with and without part counts."""
+
+    def __init__(self, partial, **kwargs):
+        super().__init__(**kwargs)
+        self.partial = partial
+
+    def task_losses(self, batch, batch_idx):
+        losses = super().task_losses(batch, batch_idx)
+        if self.partial(batch_idx):
+            x, y = batch
+            b = self.heads["b"](self.encoder(x)).squeeze(1)
+            losses["b"] = masked_mean((b - y[:, 1]) ** 2, torch.ones_like(b, dtype=torch.bool))
+        return losses
+
+
+@pytest.mark.parametrize("partial", ["odd", "all"])
+def test_partial_labels_form_the_held_out_part_and_give_the_same_update(partial):
+    # a window whose second micro-batch brings part counts forms the first's held-out Jacobian; a window of
+    # partial losses throughout never holds it out; both equal the update without partial labels
+    def fit(strategy, which):
+        net = PartialEvery(which, accumulate_grad_batches=2)
+        trainer(max_epochs=2, callbacks=[strategy]).fit(net, loader(make_data(n=48), 12))
+        return flat_params(net)
+
+    which = (lambda i: i % 2 == 1) if partial == "odd" else (lambda i: True)
+    strategy = HeldOut()
+    got = fit(strategy, which)
+    torch.testing.assert_close(got, fit(HeldOut(), lambda i: False), atol=1e-6, rtol=0)
+    assert strategy.seen and all(shape[:2] == (3, 3) for shape in strategy.seen)
+
+
+def test_a_held_out_last_part_is_unscaled_under_fp16_loss_scaling():
+    # the product is taken of the scaled losses and unscaled like the parts' Jacobians: one step's update under a
+    # GradScaler of 2¹⁰ is the fp32 update up to fp16 rounding (a scale left in would be off by a factor 1024)
+    def update(strategy, fp16):
+        net = TinyNet()
+        before = flat_params(net)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if fp16 else []
+        trainer(max_steps=1, plugins=plugins, callbacks=[strategy]).fit(net, loader(make_data(n=48), 12))
+        return flat_params(net) - before
+
+    reference = update(HeldOut(hold=False), fp16=False)
+    assert float(reference.abs().max()) > 0.1
+    torch.testing.assert_close(update(HeldOut(), fp16=True), reference, atol=1e-3, rtol=0)
+    torch.testing.assert_close(update(HeldOut(), fp16=False), reference, atol=1e-6, rtol=0)

@@ -57,8 +57,19 @@ from lightning_mtl.functional.moco import (
     moco_step,
     project_simplex,
 )
-from lightning_mtl.functional.modo import cross_gramian, modo_direction, modo_weights, project_onto_simplex
-from lightning_mtl.functional.sdmgrad import sdmgrad_coefficients, sdmgrad_direction, sdmgrad_weights
+from lightning_mtl.functional.modo import (
+    cross_gramian,
+    modo_direction,
+    modo_step,
+    modo_weights,
+    project_onto_simplex,
+)
+from lightning_mtl.functional.sdmgrad import (
+    sdmgrad_coefficients,
+    sdmgrad_direction,
+    sdmgrad_step,
+    sdmgrad_weights,
+)
 from lightning_mtl.functional.slaw_stch import (
     cap_weights,
     log_loss,
@@ -86,10 +97,12 @@ __all__ = [
     "dtp_weights",
     "focal_weight_bound",
     "modo_direction",
+    "modo_step",
     "modo_weights",
     "project_onto_simplex",
     "sdmgrad_coefficients",
     "sdmgrad_direction",
+    "sdmgrad_step",
     "sdmgrad_weights",
     "excess_mtl_step",
     "excess_risks",

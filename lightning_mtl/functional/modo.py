@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_mtl.functional._simplex import project_onto_simplex
 
-__all__ = ["cross_gramian", "modo_direction", "modo_weights", "project_onto_simplex"]
+__all__ = ["cross_gramian", "modo_direction", "modo_step", "modo_weights", "project_onto_simplex"]
 
 _METHOD = "MoDo"
 
@@ -98,6 +98,22 @@ def modo_weights(M: Tensor, lam: Tensor | None, *, gamma: float = 0.1, rho: floa
     return project_onto_simplex(lam64 - gamma * (M64 @ lam64 + rho * lam64))
 
 
+def modo_step(
+    parts: Tensor,
+    lam: Tensor | None,
+    *,
+    gamma: float = 0.1,
+    rho: float = 0.1,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """MoDo's ``λ⁺`` (:func:`modo_weights` on ``J₀J₁ᵀ``) from the Jacobians ``[k, T, P]`` (``k = 2`` or ``3``; parts 0
+    and 1 are read): with three samples, the direction ``d = J₂ᵀλ⁺`` can then be taken without ``J₂``. ``reduce``:
+    see :func:`modo_direction`."""
+    _check_parts(parts, _METHOD, counts=(2, 3))
+    M = cross_gramian(parts[0], parts[1])
+    return modo_weights(M if reduce is None else reduce(M), lam, gamma=gamma, rho=rho)
+
+
 def modo_direction(
     parts: Tensor,
     lam: Tensor | None,
@@ -119,9 +135,7 @@ def modo_direction(
     Returns:
         ``(d [P]`` in the dtype of ``parts``, ``λ⁺ [T]`` float64``)``.
     """
-    _check_parts(parts, _METHOD, counts=(2, 3))
-    M = cross_gramian(parts[0], parts[1])
-    new = modo_weights(M if reduce is None else reduce(M), lam, gamma=gamma, rho=rho)
+    new = modo_step(parts, lam, gamma=gamma, rho=rho, reduce=reduce)
     if parts.shape[0] == 3:
         return new.to(parts.dtype) @ parts[2], new
     half = (0.5 * new).to(parts.dtype)  # ½(J₀ + J₁)ᵀλ in one pass over both parts, without forming J₀ + J₁

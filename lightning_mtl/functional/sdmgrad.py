@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_mtl.functional.modo import _check_parts, cross_gramian, project_onto_simplex
 
-__all__ = ["sdmgrad_coefficients", "sdmgrad_direction", "sdmgrad_weights"]
+__all__ = ["sdmgrad_coefficients", "sdmgrad_direction", "sdmgrad_step", "sdmgrad_weights"]
 
 _METHOD = "SDMGrad"
 
@@ -129,6 +129,31 @@ def sdmgrad_coefficients(w: Tensor, lam: float) -> Tensor:
     return (w + lam / T) / (1.0 + lam)
 
 
+def sdmgrad_step(
+    parts: Tensor,
+    w: Tensor | None,
+    *,
+    lam: float = 0.3,
+    lr: float = 10.0,
+    momentum: float = 0.5,
+    n_iter: int = 20,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SDMGrad's weights from the Jacobians ``[k, T, P]`` (``k = 2`` or ``3``; parts 0 and 1 are read) of the
+    samples ``ξ``, ``ξ′``: ``w⁺`` (:func:`sdmgrad_weights` on ``J₀J₁ᵀ``) and the coefficients ``c`` of the direction
+    ``d = J_ζᵀc`` on the third sample, without it (:func:`sdmgrad_coefficients`). ``reduce``: see
+    :func:`sdmgrad_direction`.
+
+    Returns:
+        ``(w⁺ [T]``, ``c [T]``, both float64``)``.
+    """
+    _check_parts(parts, _METHOD, counts=(2, 3))
+    M = cross_gramian(parts[0], parts[1])
+    M = M if reduce is None else reduce(M)
+    new = sdmgrad_weights(M, w, lam=lam, lr=lr, momentum=momentum, n_iter=n_iter)
+    return new, sdmgrad_coefficients(new, lam)
+
+
 def sdmgrad_direction(
     parts: Tensor,
     w: Tensor | None,
@@ -150,8 +175,5 @@ def sdmgrad_direction(
         ``d = J₂ᵀc``).
     """
     _check_parts(parts, _METHOD)
-    M = cross_gramian(parts[0], parts[1])
-    M = M if reduce is None else reduce(M)
-    new = sdmgrad_weights(M, w, lam=lam, lr=lr, momentum=momentum, n_iter=n_iter)
-    c = sdmgrad_coefficients(new, lam)
+    new, c = sdmgrad_step(parts, w, lam=lam, lr=lr, momentum=momentum, n_iter=n_iter, reduce=reduce)
     return c.to(parts.dtype) @ parts[2], new, c

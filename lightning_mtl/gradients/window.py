@@ -141,6 +141,9 @@ class TaskGradients:
         # partial labels: the window's labelled counts per part [k, T]
         self._part_counts: Tensor | None = None
         self._parts_J: Tensor | None = None
+        # the held-out last part of each micro-batch (hold_out_last): its attached losses [T], its share of the
+        # micro-batch, its loss rows, its marked representation and the AMP scale (to form its Jacobian later)
+        self._held: list[tuple[Tensor, float, list[Tensor] | None, Tensor | None, float | None]] = []
         self._lean = False  # this window uses the lean engine (decided at its first micro-batch)
         self._G: Tensor | None = None  # the lean window's Gramian
         # a sharded model (FSDP2: sharded.py, FSDP1: flat_sharded.py): _sum is this rank's shard J_s [T, P_s]
@@ -195,11 +198,18 @@ class TaskGradients:
             self._lean_choice[key] = choice
         return self._lean_choice[key]
 
-    def add(self, ctx: StepContext, *, keep_graph: bool = True) -> None:
+    def add(self, ctx: StepContext, *, keep_graph: bool = True, hold_out_last: bool = False) -> None:
         """Take this micro-batch's per-task gradients into the window.
 
         ``keep_graph=False`` when the caller back-propagates the micro-batch itself (GradNorm's weights are
         known up front); otherwise the losses are kept for :meth:`backward` at the window's end.
+
+        ``hold_out_last`` (batch parts, an owner whose direction uses the last part only as ``J_lastᵀc``: SDMGrad,
+        MoDo with three samples): the last part's Jacobian is not formed; its losses are kept, and
+        :meth:`backward_direction` gives the shared parameters ``J_lastᵀc`` by one vector-Jacobian product (see
+        :attr:`held_out`). The Jacobian is formed after all, from the kept losses, where the window needs it:
+        partial labels in any of its micro-batches, a sharded model, or a call to :meth:`part_mean` or
+        :meth:`jacobian`.
         """
         if self.count == 0:
             self._shards = self._shards_of(ctx)
@@ -217,7 +227,7 @@ class TaskGradients:
                 )
             self._G = None
         elif ctx.part_losses is not None and self.target == "parameters":
-            self._add_parts(ctx)
+            self._add_parts(ctx, hold_out_last)
         else:
             self._add_whole(ctx)
         losses = ctx.global_losses if self.sync == "exact" else ctx.losses.detach()
@@ -237,9 +247,10 @@ class TaskGradients:
             self._sum = G if self._sum is None else self._sum + G
             self._representations.append((z, grads))
 
-    def _add_parts(self, ctx: StepContext) -> None:
+    def _add_parts(self, ctx: StepContext, hold_out_last: bool = False) -> None:
         """The per-task gradients of each of the batch's disjoint parts (``ctx.part_losses``); the whole batch's
-        are their size-weighted mean (:meth:`part_mean`). On a sharded model, each part's shard ``J_s``."""
+        are their size-weighted mean (:meth:`part_mean`). On a sharded model, each part's shard ``J_s``. With
+        ``hold_out_last`` (see :meth:`add`), all parts but the last."""
         assert ctx.part_losses is not None and ctx.part_sizes is not None
         if self._shards is not None:
             shards = self._shards
@@ -247,10 +258,19 @@ class TaskGradients:
         else:
             scale = grad_scale(ctx.trainer)
             params = self.parameters(ctx.module)
-            rows = ctx.part_rows or [(None, None)] * len(ctx.part_losses)
+            losses = list(ctx.part_losses)
+            rows = list(ctx.part_rows or [(None, None)] * len(losses))
+            # partial labels replace a missing part's rows by the window's (every part's Jacobian is needed)
+            hold = hold_out_last and len(losses) > 1 and ctx.part_counts is None
+            hold = hold and (self.count == 0 or bool(self._held))  # the window's first micro-batch decides
+            if hold:
+                self._held.append((losses[-1], ctx.part_sizes[-1] / sum(ctx.part_sizes), *rows[-1], scale))
+                losses, rows = losses[:-1], rows[:-1]
+            elif self._held:  # partial labels after held-out micro-batches: form their last parts' Jacobians
+                self._form_held(ctx)
             # [k, T, P]; through the parts' marked representations together where possible
             parts = self._engine.parts(
-                ctx.part_losses, params, scale, rows=[r for r, _ in rows], throughs=[z for _, z in rows]
+                losses, params, scale, rows=[r for r, _ in rows], throughs=[z for _, z in rows]
             ).detach()
         T = parts.shape[1]
         if ctx.part_counts is None:  # each part's share of the batch, the same for every task
@@ -265,10 +285,32 @@ class TaskGradients:
         total = shares.sum(0)
         self._part_fractions = shares / torch.where(total > 0, total, torch.ones_like(total))
 
+    @property
+    def held_out(self) -> bool:
+        """Whether the window holds its last batch part out (:meth:`add`'s ``hold_out_last``): :meth:`part_jacobians`
+        then returns the first ``k − 1`` parts' Jacobians, and :meth:`backward_direction` takes the last part's
+        coefficients."""
+        return bool(self._held)
+
+    def _form_held(self, ctx: StepContext) -> None:
+        """Form the held-out last parts' Jacobians from their kept losses (graphs retained) and append their window
+        sum to the parts' sum: the window no longer holds a part out."""
+        params = self.parameters(ctx.module)
+        held, self._held = self._held, []
+        last = sum(
+            self._engine.parts([L], params, scale, rows=[rows], throughs=[z])[0].detach()
+            for L, _, rows, z, scale in held
+        )
+        assert self._part_sum is not None and isinstance(last, Tensor)
+        self._part_sum = torch.cat([self._part_sum, last.unsqueeze(0)])
+        self._parts_J = None
+        self._J = None
+
     def part_jacobians(self, ctx: StepContext) -> Tensor:
         """The Jacobians ``[k, T, P]`` of the ``k`` disjoint batch parts' mean losses over the window (of the
         union of the ranks' parts with ``sync="exact"``: see :mod:`lightning_mtl.batch_parts`), one reduction. On a
-        sharded model, this rank's column shard ``[k, T, P_s]`` of them (the reduce-scatter already averaged)."""
+        sharded model, this rank's column shard ``[k, T, P_s]`` of them (the reduce-scatter already averaged).
+        When the window holds its last part out (:attr:`held_out`), the first ``k − 1`` parts' ``[k − 1, T, P]``."""
         if self._part_sum is None:
             raise RuntimeError(
                 f"{self.owner}: no batch parts were added (the strategy must set batch_parts > 1 and use "
@@ -284,6 +326,8 @@ class TaskGradients:
         """The parts' size-weighted mean ``[T, P]`` (``[T, P_s]`` on a sharded model): the window's Jacobian,
         without a second reduction (with partial labels, each task's rows weighted by its labelled counts)."""
         assert self._part_fractions is not None, "no batch parts were added"
+        if self._held:
+            self._form_held(ctx)
         return torch.einsum("kt,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
 
     @property
@@ -426,33 +470,58 @@ class TaskGradients:
         self.reset()
         ctx.backward(total)
 
-    def backward_direction(self, ctx: StepContext, direction: Tensor, head_weights: Tensor) -> None:
+    def backward_direction(
+        self, ctx: StepContext, direction: Tensor | None, head_weights: Tensor, held: Tensor | None = None
+    ) -> None:
         """One backward of the window's losses in which the shared parameters receive ``direction`` (flat
         ``[P]``, identical on every rank with ``sync="exact"``; DDP averages it) and the task-specific ones
         ``Σ hᵢ∇Lᵢ``: the methods whose update is not ``Jᵀw`` of the step's Jacobian (MoCo's tracked gradients,
         DB-MTL's moving average, MoDo's and SDMGrad's independent samples). Back-propagates
         ``Σ hᵢLᵢ + ⟨θ_shared, d − Jᵀh⟩``. On a sharded model ``direction`` is this rank's shard ``[P_s]`` (built
-        from :meth:`part_jacobians`' shards) and reaches the shard through FSDP's averaging."""
+        from :meth:`part_jacobians`' shards) and reaches the shard through FSDP's averaging.
+
+        When the window holds its last batch part out (:attr:`held_out`), the shared parameters receive
+        ``d + J_lastᵀc`` with ``c = held`` (``[T]``; ``None``: nothing, e.g. a non-finite step; ``direction``
+        ``None``: ``d = 0``), ``J_last`` the held-out part's Jacobian over the window and the ranks, without
+        forming it: one vector-Jacobian product of ``Σ_m (c − f_m h)·L_last⁽ᵐ⁾`` per window (``f_m`` the part's
+        share of micro-batch ``m``), which also cancels the part's share of ``Σ hᵢLᵢ``; DDP's average of the
+        ranks' products is the product of the ranks' mean Jacobian."""
         heads = sum((head_weights.to(L) * L).sum() for L in self._losses)
         if self._shards is not None:  # direction: this rank's shard [P_s] (batch parts: MoDo, SDMGrad)
+            assert direction is not None
             J_s = self.part_mean(ctx)
             total = heads + self._shards.term((direction.to(J_s) - head_weights.to(J_s) @ J_s) * self.count)
         else:
             combined = self._combination(ctx, head_weights)
-            total = heads + self.count * self._parameter_term(ctx, direction.to(combined) - combined)
+            shared = -combined if direction is None else direction.to(combined) - combined
+            total = heads + self.count * self._parameter_term(ctx, shared)
+            if self._held and held is not None:
+                total = total + self._held_term(ctx, held, head_weights)
         self.reset()
         ctx.backward(total)
 
+    def _held_term(self, ctx: StepContext, coefficients: Tensor, head_weights: Tensor) -> Tensor:
+        """A scalar whose gradient is ``Σ_m J_lastᵀ(c − f_m h)`` on the window's parameters (this rank's held-out
+        parts, one backward), zero elsewhere."""
+        params = self.parameters(ctx.module)
+        losses = torch.stack([L for L, *_ in self._held])  # [m, T]
+        shares = torch.tensor([share for _, share, *_ in self._held], device=losses.device)
+        c = coefficients.to(losses)[None, :] - shares.to(losses)[:, None] * head_weights.to(losses)[None, :]
+        grads = combination_grads(losses, c, params, self._held[0][-1])
+        return _dot(params, grads, ctx.losses)
+
     def _combination(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
         """``cᵀJ`` ``[P]`` of the window's Jacobian; with batch parts straight from the parts' Jacobians (``J`` is
-        their size-weighted mean: ``Σₖₜ cₜ fₖₜ Jₖₜ``, one pass, without forming ``J``)."""
+        their size-weighted mean: ``Σₖₜ cₜ fₖₜ Jₖₜ``, one pass, without forming ``J``). When the window holds its
+        last part out, the sum over the other parts only."""
         if self._part_sum is None or self._J is not None:
             J = self.jacobian(ctx)
             return coefficients.to(J) @ J
         assert self._part_fractions is not None
         parts = self.part_jacobians(ctx)
         k, T, P = parts.shape
-        c = (self._part_fractions.to(parts) * coefficients.to(parts)[None, :]).reshape(k * T)
+        fractions = self._part_fractions[:k]
+        c = (fractions.to(parts) * coefficients.to(parts)[None, :]).reshape(k * T)
         return c @ parts.reshape(k * T, P)
 
     def backward_representation(self, ctx: StepContext, combined: Sequence[Tensor]) -> None:

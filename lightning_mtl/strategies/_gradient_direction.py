@@ -35,15 +35,19 @@ class Direction(NamedTuple):
     """What :meth:`GradientDirection.compute_direction` returns.
 
     Attributes:
-        shared: the update direction of the shared parameters, flat ``[P]`` (in ``shared_parameters()`` order).
+        shared: the update direction of the shared parameters, flat ``[P]`` (in ``shared_parameters()`` order);
+            ``None`` (zero) only with ``held``.
         weights: the per-task coefficients logged as ``train/weight/<task>`` ``[T]`` (the method's own: MoCo's
             and MoDo's λ, DB-MTL's scale factors, ...).
         heads: ``[T]``: the task-specific parameters receive ``Σ headsᵢ ∇Lᵢ``.
+        held: with batch parts whose last part was held out (:attr:`GradientDirection.holds_out_last_part`), the
+            coefficients ``c`` ``[T]`` of that part: the shared parameters receive ``shared + J_lastᵀc``.
     """
 
-    shared: Tensor
+    shared: Tensor | None
     weights: Tensor
     heads: Tensor
+    held: Tensor | None = None
 
 
 class GradientDirection(GradientWeighting):
@@ -72,6 +76,12 @@ class GradientDirection(GradientWeighting):
     """
 
     needs = "jacobian"
+    #: batch parts: the direction uses the last part's Jacobian only as ``J_lastᵀc`` (SDMGrad's ``ζ``, MoDo's third
+    #: sample). Set to ``True``, the window does not form that Jacobian (one vector-Jacobian product at the
+    #: backward instead of ``T`` rows): :meth:`compute_direction` then receives the first ``k − 1`` parts'
+    #: Jacobians and returns ``c`` as :attr:`Direction.held`. It still receives all ``k`` where the window forms
+    #: them (partial labels, a sharded model).
+    holds_out_last_part = False
     #: partial labels: a subclass whose direction is defined on any subset of the tasks and whose per-task state
     #: declares its task dimensions (:meth:`~GradientWeighting.method_task_dims`) sets it to ``True``; the step
     #: with absent tasks is then built from the present tasks' rows and state only (see above)
@@ -101,7 +111,7 @@ class GradientDirection(GradientWeighting):
         gradients = self._gradients
         if ctx.is_window_start:
             gradients.reset()
-        gradients.add(ctx)
+        gradients.add(ctx, hold_out_last=self.holds_out_last_part and self.batch_parts > 1)
         # partial labels: a task is present in the window when one of its micro-batches labels it
         self._window_present = _window_presence(self._window_present, ctx.present, ctx.is_window_start)
         if not ctx.is_sync_step:
@@ -116,7 +126,7 @@ class GradientDirection(GradientWeighting):
                 nan_weights(T, ctx.losses.device),
                 torch.ones(T, device=ctx.losses.device),
             )
-        gradients.backward_direction(ctx, direction.shared, direction.heads)
+        gradients.backward_direction(ctx, direction.shared, direction.heads, direction.held)
         self._clip_pending = True
 
     def _part_jacobians(self, ctx: StepContext) -> Tensor:
@@ -167,7 +177,9 @@ class GradientDirection(GradientWeighting):
         else:
             self._weights = weights
         self._since_update = 0
-        return Direction(result.shared.detach(), weights, result.heads.detach().to(ctx.losses.device))
+        shared = None if result.shared is None else result.shared.detach()
+        held = None if result.held is None else result.held.detach()
+        return Direction(shared, weights, result.heads.detach().to(ctx.losses.device), held)
 
     def _present_direction(self, J: Tensor, losses: Tensor, present: list[int]) -> Direction:
         """:meth:`compute_direction` on the present tasks' rows (``J[..., present, :]``), losses and state only;
@@ -176,8 +188,9 @@ class GradientDirection(GradientWeighting):
         sub_J = J.index_select(J.dim() - 2, index)
         sub_losses = losses[index.to(losses.device)]
         result = self._on_present_tasks(present, lambda: self.compute_direction(sub_J, sub_losses))
+        held = None if result.held is None else self._scatter(result.held, index)
         return Direction(
-            result.shared, self._scatter(result.weights, index), self._scatter(result.heads, index)
+            result.shared, self._scatter(result.weights, index), self._scatter(result.heads, index), held
         )
 
     def _scatter(self, values: Tensor, index: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_mtl.functional.modo import modo_direction
+from lightning_mtl.functional.modo import modo_direction, modo_step
 from lightning_mtl.strategies._gradient_based import JacobianMethod, SyncMode
 from lightning_mtl.strategies._gradient_direction import Direction, SimplexStateDirection
 
@@ -40,7 +40,9 @@ class MoDo(SimplexStateDirection):
     Under DDP each rank splits its own batch; the parts' Jacobians reduced over ranks are those of the
     single-process parts (exact, so the update equals the single-process one) when the per-rank batch
     size is divisible by ``samples``. Under gradient accumulation each part's Jacobian is averaged over the
-    window.
+    window. With ``samples=3`` the third part's Jacobian is not formed: the shared parameters get ``J₃ᵀλ`` by one
+    vector-Jacobian product at the backward (except with partial labels and on sharded models; see
+    :attr:`~lightning_mtl.strategies.GradientDirection.holds_out_last_part`).
 
     **Conventions.** ``λ`` sums to 1 (the update follows a *mean* gradient, as :class:`MGDA`; no factor ``T``)
     and is logged as the task weights. The task-specific parameters get the plain gradient ``∇ΣLᵢ`` of the
@@ -93,6 +95,8 @@ class MoDo(SimplexStateDirection):
         self.rho = float(rho)
         self.samples = int(samples)
         self.batch_parts = self.samples
+        # the third sample enters only as J₃ᵀλ: one vector-Jacobian product, not a T-row Jacobian
+        self.holds_out_last_part = self.samples == 3
 
     @property
     def lambdas(self) -> Tensor | None:
@@ -100,8 +104,12 @@ class MoDo(SimplexStateDirection):
         return self._simplex
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
-        d, lam = modo_direction(
-            jacobian, self._simplex, gamma=self.gamma, rho=self.rho, reduce=self._gradients.column_reduce
+        reduce = self._gradients.column_reduce
+        heads = torch.ones(jacobian.shape[1], device=jacobian.device)
+        if jacobian.shape[0] < self.batch_parts:  # the third sample held out: d = J₃ᵀλ, one product
+            self._simplex = modo_step(jacobian, self._simplex, gamma=self.gamma, rho=self.rho, reduce=reduce)
+            return Direction(None, self._simplex, heads, held=self._simplex)
+        d, self._simplex = modo_direction(
+            jacobian, self._simplex, gamma=self.gamma, rho=self.rho, reduce=reduce
         )
-        self._simplex = lam
-        return Direction(d, lam, torch.ones(lam.shape, device=lam.device))
+        return Direction(d, self._simplex, heads)

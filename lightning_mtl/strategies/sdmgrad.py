@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from lightning_mtl.functional.sdmgrad import _check_lam, _check_solver, sdmgrad_direction
+from lightning_mtl.functional.sdmgrad import _check_lam, _check_solver, sdmgrad_direction, sdmgrad_step
 from lightning_mtl.strategies._gradient_based import JacobianMethod, SyncMode
 from lightning_mtl.strategies._gradient_direction import Direction, SimplexStateDirection
 
@@ -40,6 +42,13 @@ class SDMGrad(SimplexStateDirection):
     update equals the single-process one) when the per-rank batch size is divisible by 3. Under gradient
     accumulation each part's Jacobian is averaged over the window.
 
+    **Cost.** ``ζ`` enters the update only as ``J_ζᵀc``, so its Jacobian is not formed
+    (:attr:`~lightning_mtl.strategies.GradientDirection.holds_out_last_part`): the shared parameters get ``J_ζᵀc`` by
+    one vector-Jacobian product at the backward, and :meth:`compute_direction` receives ``[2, T, P]``. With
+    partial labels (a missing part's rows are replaced by the window's) and on sharded models it receives all
+    three. A non-finite ``J_ζᵀc`` is then caught by the module's non-finite check or the GradScaler, after ``w``
+    has taken its step from the finite ``J_ξ``, ``J_ξ′``.
+
     **Conventions.** The coefficients ``c = (w + λ/T)/(1 + λ)`` of ``d = J_ζᵀc`` sum to 1 (a *mean* gradient, as
     :class:`MGDA`; LibMTL does the same, the authors' code multiplies ``d`` by ``T`` "to match the sum loss")
     and are logged as the task weights; ``w`` itself is :attr:`inner_weights`. The task-specific parameters
@@ -67,6 +76,7 @@ class SDMGrad(SimplexStateDirection):
 
     batch_parts = 3
     simplex_key = "w"
+    holds_out_last_part = True  # ζ enters only as J_ζᵀc: one vector-Jacobian product, not a T-row Jacobian
 
     def __init__(
         self,
@@ -93,14 +103,18 @@ class SDMGrad(SimplexStateDirection):
         return self._simplex
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
-        d, w, c = sdmgrad_direction(
-            jacobian,
-            self._simplex,
-            lam=self.lam,
-            lr=self.lr,
-            momentum=self.momentum,
-            n_iter=self.n_iter,
-            reduce=self._gradients.column_reduce,
-        )
-        self._simplex = w
-        return Direction(d, c, torch.ones(c.shape, device=c.device))
+        heads = torch.ones(jacobian.shape[1], device=jacobian.device)
+        if jacobian.shape[0] < self.batch_parts:  # ζ held out: d = J_ζᵀc by the window's one product
+            self._simplex, c = sdmgrad_step(jacobian, self._simplex, **self._options())
+            return Direction(None, c, heads, held=c)
+        d, self._simplex, c = sdmgrad_direction(jacobian, self._simplex, **self._options())
+        return Direction(d, c, heads)
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "lam": self.lam,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "n_iter": self.n_iter,
+            "reduce": self._gradients.column_reduce,
+        }

@@ -12,7 +12,13 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import TensorDataset
 
 from lightning_mtl.functional.mgda import mgda_weights
-from lightning_mtl.functional.modo import cross_gramian, modo_direction, modo_weights, project_onto_simplex
+from lightning_mtl.functional.modo import (
+    cross_gramian,
+    modo_direction,
+    modo_step,
+    modo_weights,
+    project_onto_simplex,
+)
 from lightning_mtl.strategies.modo import MoDo
 
 F64 = torch.float64
@@ -56,6 +62,21 @@ def test_hand_computed_two_steps_from_given_part_jacobians():
     d, lam = modo_direction(parts, lam, gamma=0.1, rho=0.1)
     torch.testing.assert_close(lam, _t([0.454, 0.546]))
     torch.testing.assert_close(d, _t([0.454, 0.454 + 2 * 0.546]))
+    # the λ step alone (the third sample held out by the strategy): from parts 0 and 1
+    torch.testing.assert_close(modo_step(parts[:2], None, gamma=0.1, rho=0.1), _t([0.475, 0.525]))
+
+
+def test_three_samples_with_the_third_held_out_give_lambda_as_its_coefficients():
+    parts = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(3))
+    held, formed = bound(MoDo(samples=3), tuple("abcd")), bound(MoDo(samples=3), tuple("abcd"))
+    out_held, out_formed = (
+        held.compute_direction(parts[:2], torch.ones(4)),
+        formed.compute_direction(parts, 1),
+    )
+    assert out_held.shared is None and out_formed.held is None
+    torch.testing.assert_close(out_held.held, formed.lambdas)
+    torch.testing.assert_close(out_held.held.to(parts.dtype) @ parts[2], out_formed.shared)
+    assert MoDo(samples=3).holds_out_last_part and not MoDo().holds_out_last_part
 
 
 def test_hand_computed_step_that_reaches_a_vertex():
@@ -273,8 +294,8 @@ def test_state_is_restored_by_task_name():
     other.load_state_dict(saved)
     torch.testing.assert_close(other.lambdas, s.lambdas[[2, 0, 1]])
     nxt = torch.randn(3, 3, 5, generator=g)
-    d, _, _ = s.compute_direction(nxt, torch.ones(3))
-    d_other, _, _ = other.compute_direction(nxt[:, [2, 0, 1]], torch.ones(3))
+    d = s.compute_direction(nxt, torch.ones(3)).shared
+    d_other = other.compute_direction(nxt[:, [2, 0, 1]], torch.ones(3)).shared
     torch.testing.assert_close(d_other, d)
     torch.testing.assert_close(other.lambdas, s.lambdas[[2, 0, 1]])
 

@@ -13,7 +13,12 @@ from torch.utils.data import TensorDataset
 
 from lightning_mtl.functional.mgda import mgda_weights
 from lightning_mtl.functional.modo import cross_gramian
-from lightning_mtl.functional.sdmgrad import sdmgrad_coefficients, sdmgrad_direction, sdmgrad_weights
+from lightning_mtl.functional.sdmgrad import (
+    sdmgrad_coefficients,
+    sdmgrad_direction,
+    sdmgrad_step,
+    sdmgrad_weights,
+)
 from lightning_mtl.strategies.sdmgrad import SDMGrad
 
 F64 = torch.float64
@@ -63,6 +68,23 @@ def test_hand_computed_two_inner_steps_and_the_direction():
     torch.testing.assert_close(w2, w)
     torch.testing.assert_close(c, _t([0.725, 0.275]))
     torch.testing.assert_close(d, _t([0.725, 1.275]))
+    # without ζ (held out by the strategy): the same w and c from parts 0 and 1 alone
+    w3, c3 = sdmgrad_step(HAND_PARTS[:2], None, lam=0.5, lr=0.2, momentum=0.5, n_iter=2)
+    torch.testing.assert_close(w3, w)
+    torch.testing.assert_close(c3, c)
+
+
+def test_the_strategy_with_zeta_held_out_returns_its_coefficients():
+    parts = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(3))
+    held, formed = bound(SDMGrad(lr=1.0), tuple("abcd")), bound(SDMGrad(lr=1.0), tuple("abcd"))
+    out_held, out_formed = (
+        held.compute_direction(parts[:2], torch.ones(4)),
+        formed.compute_direction(parts, 1),
+    )
+    assert out_held.shared is None and out_formed.held is None
+    torch.testing.assert_close(out_held.held, out_formed.weights)
+    torch.testing.assert_close(out_held.held.to(parts.dtype) @ parts[2], out_formed.shared)
+    torch.testing.assert_close(held.inner_weights, formed.inner_weights)
 
 
 def test_the_inner_problem_ignores_the_scale_of_the_gradients():
@@ -205,7 +227,7 @@ def test_accumulation_trains_and_solves_once_per_window(accumulate):
     before = _mean_loss(model)
     trainer(max_epochs=4, callbacks=[strategy]).fit(model, loader(make_data(n=48), batch_size=6))
     assert _mean_loss(model) < before
-    assert len(seen) == 4 * math.ceil(8 / accumulate) and all(s[:2] == (3, 3) for s in seen)
+    assert len(seen) == 4 * math.ceil(8 / accumulate) and all(s[:2] == (2, 3) for s in seen)  # ζ held out
     assert float(strategy.weights_tensor().sum()) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -244,8 +266,8 @@ def test_state_is_restored_by_task_name():
     other.load_state_dict(saved)
     torch.testing.assert_close(other.inner_weights, s.inner_weights[[2, 0, 1]])
     nxt = torch.randn(3, 3, 5, generator=g)
-    d, c, _ = s.compute_direction(nxt, torch.ones(3))
-    d_other, c_other, _ = other.compute_direction(nxt[:, [2, 0, 1]], torch.ones(3))
+    d, c, _, _ = s.compute_direction(nxt, torch.ones(3))
+    d_other, c_other, _, _ = other.compute_direction(nxt[:, [2, 0, 1]], torch.ones(3))
     torch.testing.assert_close(d_other, d)
     torch.testing.assert_close(c_other, c[[2, 0, 1]])
 
@@ -340,7 +362,8 @@ def test_functional_bad_input():
 def test_inf_lambda_is_accepted_by_the_strategy():
     s = bound(SDMGrad(lam=math.inf), ("a", "b"))
     parts = torch.randn(3, 2, 4)
-    d, c, heads = s.compute_direction(parts, torch.ones(2))
+    d, c, heads, held = s.compute_direction(parts, torch.ones(2))
+    assert held is None  # all three parts given: the direction itself
     torch.testing.assert_close(d, parts[2].mean(0))
     assert c.tolist() == [0.5, 0.5] and heads.tolist() == [1.0, 1.0]
 

@@ -228,3 +228,56 @@ def test_a_held_out_last_part_is_unscaled_under_fp16_loss_scaling():
     assert float(reference.abs().max()) > 0.1
     torch.testing.assert_close(update(HeldOut(), fp16=True), reference, atol=1e-3, rtol=0)
     torch.testing.assert_close(update(HeldOut(), fp16=False), reference, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ the heads' correction
+class StillShared(PlainDirection):
+    """A zero shared direction (``held`` with ``hold``: the held-out part's coefficients, zero too): the heads'
+    term must be cancelled exactly on the shared parameters, whatever each micro-batch's part fractions."""
+
+    def __init__(self, hold: bool = False, **kwargs):
+        super().__init__(parts=3, **kwargs)
+        self.holds_out_last_part = hold
+
+    def compute_direction(self, jacobian, losses):
+        T = jacobian.shape[1]
+        h = torch.tensor([1.0, 2.0, 0.5][:T])
+        if jacobian.shape[0] < self.batch_parts:
+            return Direction(None, torch.ones(T), h, held=torch.zeros(T))
+        return Direction(torch.zeros(jacobian.shape[-1]), torch.ones(T), h)
+
+
+class VaryingLabels(TinyNet):
+    """Task b labelled on a different share of each part in each batch (partial labels; batches of 12)."""
+
+    calls = 0
+
+    def task_losses(self, batch, batch_idx):
+        losses = super().task_losses(batch, batch_idx)
+        x, y = batch
+        b = self.heads["b"](self.encoder(x)).squeeze(1)
+        part = self.calls % 3  # task_losses runs once per part, in order
+        self.calls += 1
+        keep = torch.arange(x.shape[0]) < 1 + (part + batch_idx) % 3  # 1 + (p + batch_idx) mod 3 samples
+        losses["b"] = masked_mean((b - y[:, 1]) ** 2, keep)
+        return losses
+
+
+@pytest.mark.parametrize(
+    ("net", "hold", "n", "batch_size"),
+    [(TinyNet, False, 46, 10), (TinyNet, True, 46, 10), (VaryingLabels, False, 48, 12)],
+)
+def test_a_zero_direction_leaves_the_shared_parameters_when_part_fractions_change_within_a_window(
+    net, hold, n, batch_size
+):
+    # accumulation over 3 micro-batches: with batches of 10, 10, 10 | 10, 6 the last window's parts are 4/3/3 and
+    # 2/2/2; with varying labels each micro-batch's parts hold different shares of task b's labelled samples
+    model = net(accumulate_grad_batches=3)
+    shared = [p.detach().clone() for p in model.encoder.parameters()]
+    heads = [p.detach().clone() for p in model.heads.parameters()]
+    trainer(max_epochs=2, callbacks=[StillShared(hold=hold)]).fit(model, loader(make_data(n=n), batch_size))
+    for before, after in zip(shared, model.encoder.parameters(), strict=True):
+        torch.testing.assert_close(after.detach(), before, atol=1e-6, rtol=0)
+    assert any(
+        not torch.allclose(a.detach(), b) for a, b in zip(model.heads.parameters(), heads, strict=True)
+    )

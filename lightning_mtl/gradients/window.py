@@ -137,7 +137,12 @@ class TaskGradients:
         self._params: list[nn.Parameter] | None = None
         self._J: Tensor | None = None
         self._part_sum: Tensor | None = None  # Σ over micro-batches of the parts' Jacobians [k, T, P]
-        self._part_fractions: Tensor | None = None  # each part's share of each task's samples [k, T]
+        # each part's share of each task's samples [k, T] in the window's first micro-batch (f⁽⁰⁾), and, where a
+        # later micro-batch's shares f⁽ᵐ⁾ differ, Σ_m Σ_p (f⁽ᵐ⁾ − f⁽⁰⁾)ₚ J_p⁽ᵐ⁾ [T, P] (this rank's): the window's
+        # Jacobian is then Σ_p f⁽⁰⁾ₚ J̄_p + (that sum)/count, exactly the mean of its micro-batches' Jacobians
+        self._part_fractions: Tensor | None = None
+        self._first_sizes: list[int] | None = None
+        self._residual: Tensor | None = None
         # partial labels: the window's labelled counts per part [k, T]
         self._part_counts: Tensor | None = None
         self._parts_J: Tensor | None = None
@@ -276,14 +281,24 @@ class TaskGradients:
         if ctx.part_counts is None:  # each part's share of the batch, the same for every task
             sizes = torch.tensor(ctx.part_sizes, dtype=parts.dtype, device=parts.device)
             shares = sizes[:, None].expand(-1, T)
-        else:  # partial labels: each part's share of the task's labelled samples (summed over the window)
+        else:  # partial labels: each part's share of the task's labelled samples in this micro-batch
             shares = ctx.part_counts.to(device=parts.device, dtype=parts.dtype)
-            if self._part_counts is not None:
-                shares = shares + self._part_counts
-            self._part_counts = shares
-        self._part_sum = parts if self._part_sum is None else self._part_sum + parts
+            # the window's labelled counts per part, for the tasks missing from a part (part_label_counts)
+            self._part_counts = shares if self._part_counts is None else self._part_counts + shares
         total = shares.sum(0)
-        self._part_fractions = shares / torch.where(total > 0, total, torch.ones_like(total))
+        fractions = shares / torch.where(total > 0, total, torch.ones_like(total))
+        if self._part_fractions is None:
+            self._part_fractions = fractions
+            self._first_sizes = list(ctx.part_sizes) if ctx.part_counts is None else None
+        elif ctx.part_counts is not None or self._first_sizes != list(ctx.part_sizes):
+            # this micro-batch's parts weigh differently in its loss than the first's (unequal sizes at an
+            # epoch's end, partial labels): the window's Jacobian needs the difference, for the formed parts
+            delta = (fractions - self._part_fractions)[: parts.shape[0]]
+            self._add_residual(torch.einsum("kt,ktp->tp", delta, parts))
+        self._part_sum = parts if self._part_sum is None else self._part_sum + parts
+
+    def _add_residual(self, term: Tensor) -> None:
+        self._residual = term if self._residual is None else self._residual + term
 
     @property
     def held_out(self) -> bool:
@@ -297,11 +312,14 @@ class TaskGradients:
         sum to the parts' sum: the window no longer holds a part out."""
         params = self.parameters(ctx.module)
         held, self._held = self._held, []
-        last = sum(
-            self._engine.parts([L], params, scale, rows=[rows], throughs=[z])[0].detach()
-            for L, _, rows, z, scale in held
-        )
-        assert self._part_sum is not None and isinstance(last, Tensor)
+        first_share = held[0][1]  # the first micro-batch's: its part fractions are the window's f⁽⁰⁾
+        last: Tensor | None = None
+        for L, share, rows, z, scale in held:
+            J = self._engine.parts([L], params, scale, rows=[rows], throughs=[z])[0].detach()
+            last = J if last is None else last + J
+            if share != first_share:  # as _add_parts does for the formed parts
+                self._add_residual((share - first_share) * J)
+        assert self._part_sum is not None and last is not None
         self._part_sum = torch.cat([self._part_sum, last.unsqueeze(0)])
         self._parts_J = None
         self._J = None
@@ -323,12 +341,17 @@ class TaskGradients:
         return self._parts_J
 
     def part_mean(self, ctx: StepContext) -> Tensor:
-        """The parts' size-weighted mean ``[T, P]`` (``[T, P_s]`` on a sharded model): the window's Jacobian,
-        without a second reduction (with partial labels, each task's rows weighted by its labelled counts)."""
+        """The parts' size-weighted mean ``[T, P]`` (``[T, P_s]`` on a sharded model): the window's Jacobian, the
+        mean of its micro-batches' (with partial labels, each task's rows weighted by each micro-batch's labelled
+        counts per part). A second reduction (``[T, P]``) only under DDP in a window of several micro-batches."""
         assert self._part_fractions is not None, "no batch parts were added"
         if self._held:
             self._form_held(ctx)
-        return torch.einsum("kt,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
+        J = torch.einsum("kt,ktp->tp", self._part_fractions, self.part_jacobians(ctx))
+        residual = self._residual
+        if self.count > 1 and self._ranks(ctx) > 1 and self._shards is None:  # every rank joins the reduction
+            residual = reduce_mean(ctx.trainer, torch.zeros_like(J) if residual is None else residual)
+        return J if residual is None else J + residual / self.count
 
     @property
     def part_label_counts(self) -> Tensor | None:
@@ -512,8 +535,9 @@ class TaskGradients:
 
     def _combination(self, ctx: StepContext, coefficients: Tensor) -> Tensor:
         """``cᵀJ`` ``[P]`` of the window's Jacobian; with batch parts straight from the parts' Jacobians (``J`` is
-        their size-weighted mean: ``Σₖₜ cₜ fₖₜ Jₖₜ``, one pass, without forming ``J``). When the window holds its
-        last part out, the sum over the other parts only."""
+        their size-weighted mean: ``Σₖₜ cₜ fₖₜ Jₖₜ``, one pass, without forming ``J``; plus this rank's part of the
+        change of the shares ``f`` within the window, which DDP averages with the backward). When the window holds
+        its last part out, the sum over the other parts only."""
         if self._part_sum is None or self._J is not None:
             J = self.jacobian(ctx)
             return coefficients.to(J) @ J
@@ -522,7 +546,11 @@ class TaskGradients:
         k, T, P = parts.shape
         fractions = self._part_fractions[:k]
         c = (fractions.to(parts) * coefficients.to(parts)[None, :]).reshape(k * T)
-        return c @ parts.reshape(k * T, P)
+        combined = c @ parts.reshape(k * T, P)
+        if self._residual is None:
+            return combined
+        # this rank's share of the fractions' change within the window; DDP averages it with the backward
+        return combined + coefficients.to(parts) @ self._residual / self.count
 
     def backward_representation(self, ctx: StepContext, combined: Sequence[Tensor]) -> None:
         """One backward in which micro-batch ``m``'s representation receives ``combined[m]`` (flat, this rank's)

@@ -130,6 +130,26 @@ def test_modo_uneven_label_counts_per_rank_and_part_are_exact_under_ddp(tmp_path
     assert float(l0.sum()) == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:.*had no labelled sample in some of the.*")
+def test_modo_with_accumulation_and_label_counts_changing_within_a_window_is_exact_under_ddp(tmp_path):
+    # windows of 2 micro-batches whose parts hold different shares of b's labels: the window's Jacobian (the
+    # heads' correction, the missing parts' rows) takes each micro-batch's shares; the ranks' differences from
+    # the first micro-batch's shares are reduced once (missing rows) or averaged by DDP (heads' correction).
+    # test_batch_parts checks the exactness of that correction on one process (a zero direction stays zero)
+    single, rank0, rank1 = ddp_parity_records(
+        tmp_path,
+        lambda: MoDo(gamma=0.5, samples=3),
+        epochs=2,
+        batch_size=6,
+        n=48,
+        model=lambda: SparseB(accumulate_grad_batches=2),
+        tag="modo-partial-accumulate",
+    )
+    assert torch.equal(rank0["params"], rank1["params"])
+    torch.testing.assert_close(rank0["params"], single["params"], atol=1e-5, rtol=0)
+
+
 def test_the_sparse_model_has_parts_without_labels_and_absent_batches():
     # what the DDP test relies on: among the single process's parts of 4 (batches of 12, in the sampler's
     # order), some have no label of b while their batch has some, and some batches have none at all

@@ -149,17 +149,18 @@ class HeldOut(PlainDirection):
     C = (0.7, -0.4, 1.3)
     H = (1.0, 2.0, 0.5)
 
-    def __init__(self, hold: bool = True, shared: bool = True, **kwargs):
+    def __init__(self, hold: bool = True, shared: bool = True, always_held: bool = False, **kwargs):
         super().__init__(parts=3, **kwargs)
         self.holds_out_last_part = hold
         self.shared = shared
+        self.always_held = always_held  # return `held` with the formed parts too: the window applies it
 
     def compute_direction(self, jacobian, losses):
         self.seen.append(tuple(jacobian.shape))
         c = torch.tensor(self.C, dtype=jacobian.dtype)
         h = torch.tensor(self.H)
         d = 0.5 * jacobian[0].sum(0) if self.shared else None
-        if jacobian.shape[0] < self.batch_parts:
+        if jacobian.shape[0] < self.batch_parts or self.always_held:
             return Direction(d, torch.ones(3), h, held=c)
         full = c @ jacobian[2] if d is None else d + c @ jacobian[2]
         return Direction(full, torch.ones(3), h)
@@ -170,11 +171,15 @@ class HeldOut(PlainDirection):
 )
 def test_a_held_out_last_part_gives_the_update_of_its_formed_jacobian(batch_size, accumulate, shared):
     # unequal parts (10 = 4 + 3 + 3), accumulation, and a direction that is the held-out part's alone; the heads
-    # get Σ hᵢ∇Lᵢ (h ≠ 1) in both
+    # get Σ hᵢ∇Lᵢ (h ≠ 1) in both; `held` returned with formed parts is applied from the formed Jacobian
     held, formed = HeldOut(shared=shared), HeldOut(hold=False, shared=shared)
     got = _fit(held, batch_size=batch_size, accumulate=accumulate)
     torch.testing.assert_close(
         got, _fit(formed, batch_size=batch_size, accumulate=accumulate), atol=1e-6, rtol=0
+    )
+    applied = HeldOut(hold=False, shared=shared, always_held=True)
+    torch.testing.assert_close(
+        _fit(applied, batch_size=batch_size, accumulate=accumulate), got, atol=1e-6, rtol=0
     )
     assert held.seen and all(shape[:2] == (2, 3) for shape in held.seen)
     assert formed.seen and all(shape[:2] == (3, 3) for shape in formed.seen)
@@ -232,7 +237,7 @@ def test_a_held_out_last_part_is_unscaled_under_fp16_loss_scaling():
 
 # ------------------------------------------------------------------------------------------ the heads' correction
 class StillShared(PlainDirection):
-    """A zero shared direction (``held`` with ``hold``: the held-out part's coefficients, zero too): the heads'
+    """A zero shared direction (with ``hold``, ``held=None``: the held-out part's coefficients, zero too): the heads'
     term must be cancelled exactly on the shared parameters, whatever each micro-batch's part fractions."""
 
     def __init__(self, hold: bool = False, **kwargs):
@@ -242,8 +247,8 @@ class StillShared(PlainDirection):
     def compute_direction(self, jacobian, losses):
         T = jacobian.shape[1]
         h = torch.tensor([1.0, 2.0, 0.5][:T])
-        if jacobian.shape[0] < self.batch_parts:
-            return Direction(None, torch.ones(T), h, held=torch.zeros(T))
+        if jacobian.shape[0] < self.batch_parts:  # held=None counts as zero coefficients
+            return Direction(None, torch.ones(T), h, held=None)
         return Direction(torch.zeros(jacobian.shape[-1]), torch.ones(T), h)
 
 

@@ -503,13 +503,17 @@ class TaskGradients:
         ``Σ hᵢLᵢ + ⟨θ_shared, d − Jᵀh⟩``. On a sharded model ``direction`` is this rank's shard ``[P_s]`` (built
         from :meth:`part_jacobians`' shards) and reaches the shard through FSDP's averaging.
 
-        When the window holds its last batch part out (:attr:`held_out`), the shared parameters receive
-        ``d + J_lastᵀc`` with ``c = held`` (``[T]``; ``None``: nothing, e.g. a non-finite step; ``direction``
-        ``None``: ``d = 0``), ``J_last`` the held-out part's Jacobian over the window and the ranks, without
-        forming it: one vector-Jacobian product of ``Σ_m (c − f_m h)·L_last⁽ᵐ⁾`` per window (``f_m`` the part's
-        share of micro-batch ``m``), which also cancels the part's share of ``Σ hᵢLᵢ``; DDP's average of the
-        ranks' products is the product of the ranks' mean Jacobian."""
+        With ``held`` (``[T]``) the shared parameters receive ``d + J_lastᵀc``, ``c = held`` (``direction``
+        ``None``: ``d = 0``), ``J_last`` the last part's Jacobian over the window and the ranks: from it where the
+        window formed it; where the window holds the part out (:attr:`held_out`; ``held`` ``None`` then counts as
+        ``c = 0``), without forming it: one vector-Jacobian product of ``Σ_m (c − f_m h)·L_last⁽ᵐ⁾`` per window
+        (``f_m`` the part's share of micro-batch ``m``), which also cancels the part's share of ``Σ hᵢLᵢ``; DDP's
+        average of the ranks' products is the product of the ranks' mean Jacobian."""
         heads = sum((head_weights.to(L) * L).sum() for L in self._losses)
+        if held is not None and not self._held:  # the last part's Jacobian is formed: J_lastᵀc from it
+            last = self.part_jacobians(ctx)[-1]
+            extra = held.to(last) @ last
+            direction = extra if direction is None else direction.to(extra) + extra
         if self._shards is not None:  # direction: this rank's shard [P_s] (batch parts: MoDo, SDMGrad)
             assert direction is not None
             J_s = self.part_mean(ctx)
@@ -518,8 +522,9 @@ class TaskGradients:
             combined = self._combination(ctx, head_weights)
             shared = -combined if direction is None else direction.to(combined) - combined
             total = heads + self.count * self._parameter_term(ctx, shared)
-            if self._held and held is not None:
-                total = total + self._held_term(ctx, held, head_weights)
+            if self._held:  # held None: J_lastᵀ0 (the part's share of the heads' term is still cancelled)
+                c = torch.zeros_like(head_weights) if held is None else held
+                total = total + self._held_term(ctx, c, head_weights)
         self.reset()
         ctx.backward(total)
 

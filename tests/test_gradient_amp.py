@@ -7,7 +7,17 @@ import math
 
 import pytest
 import torch
-from helpers import RepTinyNet, flat_params, loader, make_data, trainer
+from helpers import (
+    RecordState,
+    RepTinyNet,
+    TinyNet,
+    flat_params,
+    load_record,
+    loader,
+    make_data,
+    restore_environ,
+    trainer,
+)
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_mtl.strategies.graddrop import GradDrop
@@ -75,3 +85,31 @@ def test_graddrop_runs_under_fp16():
     )
     after = flat_params(model)
     assert bool(torch.isfinite(after).all()) and not torch.equal(after, before)
+
+
+class RankOverflow(TinyNet):
+    """Rank 1's first batch has a loss whose fp16 per-task gradients overflow; rank 0's does not."""
+
+    def task_losses(self, batch, batch_idx):
+        losses = super().task_losses(batch, batch_idx)
+        if self.global_rank == 1 and batch_idx == 0:
+            losses["a"] = losses["a"] * 1e6
+        return losses
+
+
+@pytest.mark.timeout(180)
+def test_local_sync_under_ddp_every_rank_agrees_on_an_overflow_of_one(tmp_path):
+    # sync="local": each rank checks its own Jacobian; they must agree before the weights' average over ranks
+    # (else rank 0 waits in that all-reduce while rank 1 skips it: a hang)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with restore_environ():
+        trainer(
+            strategy="ddp_spawn",
+            devices=2,
+            max_epochs=1,
+            plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+            callbacks=[MGDA(sync="local"), RecordState(str(tmp_path))],
+        ).fit(RankOverflow(), loader(make_data(n=32), 4))
+    r0, r1 = load_record(str(tmp_path), 0), load_record(str(tmp_path), 1)
+    assert torch.equal(r0["params"], r1["params"]) and torch.isfinite(r0["params"]).all()
+    assert r0["global_step"] == r1["global_step"]

@@ -212,9 +212,9 @@ class TaskGradients:
         ``hold_out_last`` (batch parts, an owner whose direction uses the last part only as ``J_lastᵀc``: SDMGrad,
         MoDo with three samples): the last part's Jacobian is not formed; its losses are kept, and
         :meth:`backward_direction` gives the shared parameters ``J_lastᵀc`` by one vector-Jacobian product (see
-        :attr:`held_out`). The Jacobian is formed after all, from the kept losses, where the window needs it:
-        partial labels in any of its micro-batches, a sharded model, or a call to :meth:`part_mean` or
-        :meth:`jacobian`.
+        :attr:`held_out`). A sharded model never holds a part out. The Jacobian is formed after all, from the kept
+        losses, where the window needs it: partial labels in any of its micro-batches, or a call to
+        :meth:`part_mean` or :meth:`jacobian`.
         """
         if self.count == 0:
             self._shards = self._shards_of(ctx)
@@ -343,7 +343,8 @@ class TaskGradients:
     def part_mean(self, ctx: StepContext) -> Tensor:
         """The parts' size-weighted mean ``[T, P]`` (``[T, P_s]`` on a sharded model): the window's Jacobian, the
         mean of its micro-batches' (with partial labels, each task's rows weighted by each micro-batch's labelled
-        counts per part). A second reduction (``[T, P]``) only under DDP in a window of several micro-batches."""
+        counts per part). A second reduction (``[T, P]``) only with ``sync="exact"`` under DDP in a window of several
+        micro-batches (and, where the window held its last part out, the parts' reduction again with that part)."""
         assert self._part_fractions is not None, "no batch parts were added"
         if self._held:
             self._form_held(ctx)
@@ -430,10 +431,10 @@ class TaskGradients:
         """``True`` when ``statistic`` is finite; ``False`` on an AMP overflow (the GradScaler will skip the
         step); otherwise a ``FloatingPointError`` naming the owner and the losses."""
         finite = tensor_finite(statistic)
-        if self._shards is not None and ctx.world_size > 1:
-            finite = (
-                reduce_mean(ctx.trainer, finite.float()) == 1
-            )  # each rank holds a shard: one answer for all
+        # each rank holds a shard, or (sync="local") its own statistic: one answer for all, so that no rank goes on
+        # to a collective (the weights' average over ranks) that another skipped
+        if (self._shards is not None or self.sync == "local") and ctx.world_size > 1:
+            finite = reduce_mean(ctx.trainer, finite.float()) == 1
         if bool(finite):
             return True
         if grad_scale(ctx.trainer) is not None:

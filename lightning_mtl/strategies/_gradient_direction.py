@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -92,6 +93,8 @@ class GradientDirection(GradientWeighting):
     ) -> None:
         super().__init__(mode="parameters", update_every=1, sync=sync, jacobian=jacobian, seed=seed)
         self._warned_missing_parts = False
+        # a held-out window's state before its step (method state, weights): restored if the step is skipped
+        self._before_held_step: tuple[dict[str, Any], Tensor | None] | None = None
 
     def compute_direction(self, jacobian: Tensor, losses: Tensor) -> Direction:
         """The step's :class:`Direction` from the Jacobian ``[T, P]`` of the global batch (``[k, T, P]``: one per
@@ -118,6 +121,9 @@ class GradientDirection(GradientWeighting):
             return
         J = self._part_jacobians(ctx) if self.batch_parts > 1 else gradients.jacobian(ctx)
         if gradients.check_finite(ctx, J):
+            # the held-out part's finiteness shows only in the backward (the GradScaler skips an overflow, the
+            # module's non-finite check discards the window): the state then goes back to this
+            self._before_held_step = (self.method_state(), self._weights) if gradients.held_out else None
             direction = self._direction(ctx, J, gradients.losses)
         else:  # AMP overflow: the GradScaler skips this step; the state stays as it was
             T = self.num_tasks
@@ -128,6 +134,24 @@ class GradientDirection(GradientWeighting):
             )
         gradients.backward_direction(ctx, direction.shared, direction.heads, direction.held)
         self._clip_pending = True
+
+    def on_optimizer_step(self, module: pl.LightningModule, skipped: bool) -> None:
+        if skipped:
+            self._restore_before_held_step()
+        self._before_held_step = None
+        super().on_optimizer_step(module, skipped)
+
+    def on_accumulation_window_discarded(self, module: pl.LightningModule) -> None:
+        self._restore_before_held_step()
+        super().on_accumulation_window_discarded(module)
+
+    def _restore_before_held_step(self) -> None:
+        """Undo the step of a held-out window whose update was not applied (the state and the logged weights)."""
+        if self._before_held_step is not None:
+            state, weights = self._before_held_step
+            self.load_method_state(state, None)
+            self._weights = weights
+        self._before_held_step = None
 
     def _part_jacobians(self, ctx: StepContext) -> Tensor:
         """The parts' Jacobians ``[k, T, P]``. With partial labels, a task labelled in some parts of the window but

@@ -42,7 +42,8 @@ class MoDo(SimplexStateDirection):
     size is divisible by ``samples``. Under gradient accumulation each part's Jacobian is averaged over the
     window. With ``samples=3`` the third part's Jacobian is not formed: the shared parameters get ``J₃ᵀλ`` by one
     vector-Jacobian product at the backward (except with partial labels and on sharded models; see
-    :attr:`~lightning_mtl.strategies.GradientDirection.holds_out_last_part`).
+    :attr:`~lightning_mtl.strategies.GradientDirection.holds_out_last_part`); a step skipped for its
+    non-finite gradient leaves ``λ`` as it was.
 
     **Conventions.** ``λ`` sums to 1 (the update follows a *mean* gradient, as :class:`MGDA`; no factor ``T``)
     and is logged as the task weights. The task-specific parameters get the plain gradient ``∇ΣLᵢ`` of the

@@ -46,8 +46,8 @@ class SDMGrad(SimplexStateDirection):
     (:attr:`~lightning_mtl.strategies.GradientDirection.holds_out_last_part`): the shared parameters get ``J_ζᵀc`` by
     one vector-Jacobian product at the backward, and :meth:`compute_direction` receives ``[2, T, P]``. With
     partial labels (a missing part's rows are replaced by the window's) and on sharded models it receives all
-    three. A non-finite ``J_ζᵀc`` is then caught by the module's non-finite check or the GradScaler, after ``w``
-    has taken its step from the finite ``J_ξ``, ``J_ξ′``.
+    three. A non-finite ``J_ζᵀc`` shows in the backward: the GradScaler skips the step (AMP) or the module's
+    non-finite check stops or discards it, and ``w`` and the logged weights go back to where they were.
 
     **Conventions.** The coefficients ``c = (w + λ/T)/(1 + λ)`` of ``d = J_ζᵀc`` sum to 1 (a *mean* gradient, as
     :class:`MGDA`; LibMTL does the same, the authors' code multiplies ``d`` by ``T`` "to match the sum loss")

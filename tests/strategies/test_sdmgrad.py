@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import ConflictNet, TinyNet, bound, ddp_parity_records, flat_params, loader, make_data, trainer
@@ -257,6 +258,56 @@ def test_fp16_overflow_skips_the_step_and_leaves_w():
 
 
 # ------------------------------------------------------------------------------------------ state
+def _huge_last_part(scale: float = 2e4) -> TensorDataset:
+    x, y = make_data(n=12).tensors
+    y = y.clone()
+    y[8:] *= scale  # only ζ (samples 8..11) overflows in fp16
+    return TensorDataset(x, y)
+
+
+def test_an_overflow_in_the_held_out_part_alone_skips_the_step_and_leaves_w():
+    # ζ's Jacobian is not formed, so its overflow shows only in the backward: the scaler skips the step, and w
+    # and the logged weights go back to where they were
+    plugin = _fp16(init_scale=2.0**6)
+    model, strategy = ConflictNet(), SDMGrad()
+    before = flat_params(model)
+    trainer(max_steps=1, plugins=[plugin], callbacks=[strategy]).fit(model, loader(_huge_last_part(), 12))
+    assert plugin.scaler.get_scale() < 2.0**6
+    assert torch.equal(flat_params(model), before)
+    assert strategy.inner_weights is None and strategy.weights_tensor() is None
+
+
+class NaNGradientInZeta(ConflictNet):
+    """A finite loss whose gradient is NaN on samples 8..11 (ζ of a batch of 12): ``sqrt(0·ŷ)``."""
+
+    def task_losses(self, batch, batch_idx):
+        losses = super().task_losses(batch, batch_idx)
+        x, _ = batch
+        if batch_idx == 1 and x.shape[0] == 4 and self._part_calls % 3 == 2:
+            first = next(iter(losses))
+            losses[first] = losses[first] + torch.sqrt(0 * self.encoder(x)).sum()
+        self._part_calls += 1
+        return losses
+
+    _part_calls = 0
+
+
+def test_a_discarded_window_restores_w_and_the_weights():
+    # nonfinite="skip": batch 1's window is discarded by the module's gradient check (ζ's NaN gradient)
+    model, strategy = NaNGradientInZeta(nonfinite="skip"), SDMGrad(lr=0.5)  # w stays inside the simplex
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(strategy.inner_weights.clone())
+
+    with pytest.warns(UserWarning, match="Non-finite gradient at training batch 1"):
+        trainer(max_steps=3, callbacks=[strategy, Record()]).fit(model, loader(make_data(n=36), 12))
+    assert model.skipped_steps == 1
+    torch.testing.assert_close(seen[1], seen[0], atol=0, rtol=0)  # batch 1 left w as batch 0 did
+    assert not torch.equal(seen[2], seen[1])
+
+
 def test_state_is_restored_by_task_name():
     g = torch.Generator().manual_seed(0)
     s = bound(SDMGrad(lr=1.0), ("a", "b", "c"))

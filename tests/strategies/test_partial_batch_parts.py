@@ -130,6 +130,7 @@ def test_modo_uneven_label_counts_per_rank_and_part_are_exact_under_ddp(tmp_path
     assert float(l0.sum()) == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.ddp_extra  # the single-process exactness is test_batch_parts' zero-direction test
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore:.*had no labelled sample in some of the.*")
 def test_modo_with_accumulation_and_label_counts_changing_within_a_window_is_exact_under_ddp(tmp_path):
